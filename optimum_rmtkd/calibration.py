@@ -1,0 +1,101 @@
+"""Stream activations at capture points into second-moment accumulators through forward hooks.
+
+Activations are never stored: each hook folds its batch into a float64 Σ x xᵀ and is done. Under Accelerate each
+process calibrates a disjoint shard (no `even_batches` padding, which would count repeated samples twice) and the
+sums are all-reduced before any eigendecomposition.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters.base import CapturePoint
+from .covariance import SecondMomentAccumulator, reduce_accumulators
+
+
+def _samples(tensor: torch.Tensor, layout: str, mask: Optional[torch.Tensor], sample_unit: str):
+    """Turn a captured tensor into (samples, mask) as `SecondMomentAccumulator.update` expects."""
+    if layout == "vector":
+        return tensor, None
+    if layout == "image":  # (batch, channels, h, w): every spatial position of every image is a sample
+        return tensor.permute(0, 2, 3, 1), None
+    if sample_unit == "cls":
+        return tensor[:, 0], None
+    if sample_unit == "mean":
+        if mask is None:
+            return tensor.mean(dim=1), None
+        weights = mask.to(tensor.dtype).unsqueeze(-1)
+        return (tensor * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0), None
+    return tensor, mask
+
+
+class ActivationCollector:
+    """Forward hooks on `model` that feed one accumulator per capture point while the context is open."""
+
+    def __init__(self, model: nn.Module, points: Sequence[CapturePoint], sample_unit: str = "tokens") -> None:
+        self.model = model
+        self.points = list(points)
+        self.sample_unit = sample_unit
+        self.accumulators: Dict[str, SecondMomentAccumulator] = {}
+        self.mask: Optional[torch.Tensor] = None
+        self._handles = []
+
+    def _update(self, point: CapturePoint, tensor: torch.Tensor) -> None:
+        if isinstance(tensor, (tuple, list)):
+            tensor = tensor[0]
+        layout_dim = 1 if point.layout == "image" else -1
+        if point.key not in self.accumulators:
+            # Sums live beside the activations, so a multi-GPU all-reduce (NCCL) sees device tensors.
+            self.accumulators[point.key] = SecondMomentAccumulator(tensor.shape[layout_dim], device=tensor.device)
+        mask = self.mask if point.layout == "sequence" else None
+        if mask is not None and tuple(mask.shape) != tuple(tensor.shape[:2]):
+            mask = None  # a module that does not see the full (batch, tokens) grid
+        samples, mask = _samples(tensor.detach(), point.layout, mask, self.sample_unit)
+        self.accumulators[point.key].update(samples, mask)
+
+    def __enter__(self) -> "ActivationCollector":
+        for point in self.points:
+            module = self.model.get_submodule(point.module)
+            if point.side == "input":
+                handle = module.register_forward_pre_hook(lambda m, args, p=point: self._update(p, args[0]))
+            else:
+                handle = module.register_forward_hook(lambda m, args, out, p=point: self._update(p, out))
+            self._handles.append(handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: nn.Module,
+    batches: Iterable[Dict[str, torch.Tensor]],
+    points: Sequence[CapturePoint],
+    *,
+    sample_unit: str = "tokens",
+    accelerator=None,
+    device: Optional[torch.device] = None,
+) -> Dict[str, SecondMomentAccumulator]:
+    """Run `model` over `batches` (this process's shard) and return the reduced accumulators by capture key."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    collector = ActivationCollector(model, points, sample_unit)
+    disable = accelerator is not None and not accelerator.is_local_main_process
+    with collector:
+        for batch in tqdm(batches, desc="Calibrating", disable=disable, leave=False):
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            collector.mask = inputs.get("attention_mask")
+            model(**inputs)
+    model.train(was_training)
+    missing = [p.key for p in points if p.key not in collector.accumulators]
+    if missing:
+        raise ValueError(f"Calibration saw no activations at {', '.join(missing)}; is the calibration set empty?")
+    reduce_accumulators(collector.accumulators, accelerator)
+    return collector.accumulators

@@ -1,0 +1,473 @@
+"""`RMTKDCompressor`: calibrate → fit the Marchenko–Pastur bulk → cut → self-distil, stage after stage.
+
+Example:
+
+```python
+>>> from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
+>>> compressor = RMTKDCompressor.from_pretrained("path/to/fine-tuned-bert")
+>>> result = compressor.compress(train, eval_dataset=validation, config=RMTKDConfig(), save_directory="bert-rmtkd")
+>>> from transformers import AutoModelForSequenceClassification
+>>> model = AutoModelForSequenceClassification.from_pretrained("bert-rmtkd")  # stock format, no custom code
+```
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import datasets
+import psutil
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers.utils import logging
+
+from .adapters import Site, get_adapter
+from .calibration import collect_statistics
+from .configuration import CONFIG_NAME, RMTKDConfig
+from .covariance import SecondMomentAccumulator
+from .data import DatasetLike, calibration_subset, label_mapping, load_split, tokenize_text_dataset
+from .distillation import evaluate_model, train
+from .report import REPORT_NAME, SiteReport, build_site_report, save_spectrum_plots
+from .rmt import fit_spectrum, round_width
+from .saving import load_checkpoint, save_compressed_model
+from .utils.io import atomic_write_json
+from .version import __version__
+
+logger = logging.get_logger(__name__)
+
+TASKS = ("text-classification",)
+STATE_NAME = "rmtkd_state.json"
+
+
+@dataclass
+class RMTKDResult:
+    """What `compress` returns: the compressed model (in memory) and the run report (as written to disk)."""
+
+    model: nn.Module
+    report: Dict[str, Any]
+    save_directory: Path
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class RMTKDCompressor:
+    """Compress a Hugging Face model with RMT-KD. Build it with `from_pretrained`, then call `compress`.
+
+    Args:
+        model (`transformers.PreTrainedModel`): the model to compress; never modified (a copy is edited).
+        tokenizer: its tokenizer, saved with the compressed model.
+        source (`str`, *optional*): the Hub id or local path it came from, recorded as `base_model`.
+        head_is_new (`bool`, *optional*, defaults to `False`): the task head was freshly initialised, so the
+            model is fine-tuned before the first reduction.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, *, source: Optional[str] = None, head_is_new: bool = False):
+        self.adapter = get_adapter(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source
+        self.head_is_new = head_is_new
+
+    @classmethod
+    def from_pretrained(
+        cls, model_name_or_path: Union[str, os.PathLike], task: str = "text-classification",
+        num_labels: Optional[int] = None, **hub_kwargs: Any,
+    ) -> "RMTKDCompressor":
+        """Load a model and its tokenizer from a Hub id or a local folder (`hub_kwargs` go to `from_pretrained`).
+
+        A checkpoint without a classification head (e.g. a sentence encoder) gets a new one with `num_labels`
+        classes (default 2); the compressor then fine-tunes it before compressing.
+        """
+        if task not in TASKS:
+            raise ValueError(f"`task` must be one of {', '.join(map(repr, TASKS))}, got {task!r}.")
+        import optimum_rmtkd.modeling  # noqa: F401  (registers the per-layer model types)
+
+        kwargs = dict(hub_kwargs)
+        if num_labels is not None:
+            kwargs["num_labels"] = num_labels
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                model_name_or_path, output_loading_info=True, **kwargs
+            )
+        except OSError as error:
+            raise OSError(
+                f"Could not load a model from {str(model_name_or_path)!r}: pass a local folder with config.json and "
+                "weights, or a Hub model id reachable from this machine (set `HF_HUB_OFFLINE=1` to use the cache)."
+            ) from error
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **hub_kwargs)
+        missing = set(info.get("missing_keys", []))
+        head_prefixes = ("classifier", "pre_classifier", "pooler")
+        head_is_new = any(key.split(".")[0] in head_prefixes for key in missing)
+        return cls(model, tokenizer, source=str(model_name_or_path), head_is_new=head_is_new)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def compress(
+        self,
+        train_dataset: DatasetLike,
+        eval_dataset: Optional[DatasetLike] = None,
+        config: Optional[RMTKDConfig] = None,
+        save_directory: Union[str, os.PathLike] = "rmtkd-model",
+        calibration_dataset: Optional[DatasetLike] = None,
+        metric=None,
+        *,
+        test_dataset: Optional[DatasetLike] = None,
+        text_column: str = "text",
+        text_pair_column: Optional[str] = None,
+        label_column: str = "label",
+        overwrite: bool = False,
+        resume: bool = True,
+    ) -> RMTKDResult:
+        """Run the RMT-KD schedule and save the compressed model to `save_directory`.
+
+        Args:
+            train_dataset: a `datasets.Dataset`, a local csv/json/parquet file, or a dataset id; used for
+                distillation and (10% of it, see `RMTKDConfig.calibration_fraction`) for calibration.
+            eval_dataset (*optional*): validation data that the stop rules watch; defaults to a 10% split of the
+                training data.
+            config (`RMTKDConfig`, *optional*): the run's settings.
+            save_directory: output folder; must not be the input model's folder. Stage checkpoints go to
+                `<save_directory>.checkpoints` so an interrupted run resumes where it stopped.
+            calibration_dataset (*optional*): data for the spectra instead of the training subset.
+            metric (*optional*): an `evaluate.EvaluationModule` or a callable `(predictions, references)`;
+                defaults to accuracy computed locally.
+            test_dataset (*optional*): held-out data scored before and after compression for the report.
+        """
+        config = config or RMTKDConfig()
+        save_directory = Path(save_directory)
+        self._check_save_directory(save_directory, overwrite)
+        set_seed(config.seed)
+
+        train_ds = load_split(train_dataset, "train")
+        eval_ds = load_split(eval_dataset, "validation") if eval_dataset is not None else None
+        if eval_ds is None:
+            if len(train_ds) < 10:
+                raise ValueError("`train_dataset` is too small to hold out a validation split; pass `eval_dataset`.")
+            split = train_ds.train_test_split(test_size=0.1, seed=config.seed)
+            train_ds, eval_ds = split["train"], split["test"]
+        to_id = label_mapping(train_ds, label_column) if label_column in train_ds.column_names else None
+        encode = dict(
+            tokenizer=self.tokenizer, text_column=text_column, text_pair_column=text_pair_column,
+            label_column=label_column, max_length=config.max_length, label_to_id=to_id,
+        )
+        train_tok = tokenize_text_dataset(train_ds, name="train_dataset", **encode)
+        eval_tok = tokenize_text_dataset(eval_ds, name="eval_dataset", **encode)
+        test_tok = (
+            tokenize_text_dataset(load_split(test_dataset, "test"), name="test_dataset", **encode)
+            if test_dataset is not None else None
+        )
+        self._check_labels(train_tok)
+        if calibration_dataset is not None:
+            calib_ds = load_split(calibration_dataset, "train")
+            calib_tok = tokenize_text_dataset(
+                calib_ds, name="calibration_dataset",
+                **{**encode, "label_column": label_column if label_column in calib_ds.column_names else None},
+            )
+            calib_tok = calib_tok.select(range(min(len(calib_tok), config.max_calibration_examples)))
+        else:
+            calib_tok = calibration_subset(
+                train_tok, config.calibration_fraction, config.max_calibration_examples, config.seed
+            )
+
+        accelerator = Accelerator(
+            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+        )
+        run = _Run(self, config, accelerator, save_directory, train_tok, eval_tok, calib_tok, test_tok, metric)
+        return run.execute(resume=resume)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _check_save_directory(self, save_directory: Path, overwrite: bool) -> None:
+        if self.source is not None and Path(self.source).exists():
+            if save_directory.resolve() == Path(self.source).resolve():
+                raise ValueError(
+                    f"`save_directory` {str(save_directory)!r} is the input model's folder; choose another folder so "
+                    "the original model is not overwritten."
+                )
+        if save_directory.exists() and any(save_directory.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"`save_directory` {str(save_directory)!r} exists and is not empty; choose another folder or pass "
+                "`overwrite=True`."
+            )
+
+    def _check_labels(self, dataset: datasets.Dataset) -> None:
+        num_labels = int(self.model.config.num_labels)
+        largest = max(dataset["labels"])
+        if largest >= num_labels:
+            raise ValueError(
+                f"The labels go up to {largest} but the model has `num_labels={num_labels}`; pass "
+                f"`num_labels={largest + 1}` to `RMTKDCompressor.from_pretrained`."
+            )
+
+
+class _Run:
+    """One compression run: owns the working model, the checkpoints and the report being built."""
+
+    def __init__(self, compressor, config, accelerator, save_directory, train_tok, eval_tok, calib_tok, test_tok,
+                 metric):
+        self.compressor = compressor
+        self.adapter = compressor.adapter
+        self.config = config
+        self.accelerator = accelerator
+        self.save_directory = save_directory
+        self.checkpoints = Path(f"{save_directory}.checkpoints")
+        self.metric = metric
+        collator = DataCollatorWithPadding(compressor.tokenizer)
+        self.train_loader = DataLoader(
+            train_tok.with_format("torch"), batch_size=config.batch_size, shuffle=True, collate_fn=collator,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+        self.eval_loader = accelerator.prepare_data_loader(
+            DataLoader(eval_tok.with_format("torch"), batch_size=config.batch_size * 2, collate_fn=collator)
+        )
+        self.test_loader = (
+            accelerator.prepare_data_loader(
+                DataLoader(test_tok.with_format("torch"), batch_size=config.batch_size * 2, collate_fn=collator)
+            ) if test_tok is not None else None
+        )
+        # Each process calibrates its own contiguous shard; the sums are all-reduced (no sample counted twice).
+        shard = calib_tok.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
+        self.calibration_loader = DataLoader(
+            shard.with_format("torch"), batch_size=config.batch_size, collate_fn=collator
+        )
+        self.n_calibration_examples = len(calib_tok)
+
+    # --- helpers -----------------------------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module, loader=None) -> float:
+        return evaluate_model(model.to(self.accelerator.device), loader or self.eval_loader, self.accelerator,
+                              self.metric)
+
+    def schedule(self, model: nn.Module) -> List[List[str]]:
+        """Stages as lists of site names. Stock widths are one config field for all layers, so every site of a kind
+        is cut in one stage; the per-layer format goes layer by layer, as the paper does."""
+        sites = self.adapter.sites(model)
+        stages: List[List[str]] = []
+        for kind in self.config.sites:
+            names = [s.name for s in sites if s.kind == kind]
+            if not names:
+                continue
+            if self.config.output_format == "per-layer" and kind != "hidden":
+                stages.extend([name] for name in names)
+            else:
+                stages.append(names)
+        if not stages:
+            raise ValueError(
+                f"`sites={list(self.config.sites)}` selects no site of {type(model).__name__}; its site kinds are "
+                f"{', '.join(sorted({s.kind for s in sites}))}."
+            )
+        return stages
+
+    def decide_widths(self, model, sites: Sequence[Site], stats) -> tuple[Dict[str, int], Dict[str, SiteReport]]:
+        config = self.config
+        widths: Dict[str, int] = {}
+        reports: Dict[str, SiteReport] = {}
+        for site in sites:
+            pooled = SecondMomentAccumulator(site.dim, device=stats[site.captures[0].key].sum.device)
+            for point in site.captures:
+                pooled.merge(stats[point.key])
+            eig = pooled.eigh(centered=config.centered)
+            fit = fit_spectrum(eig.eigenvalues.cpu().numpy(), pooled.n_samples, **config.estimator_kwargs())
+            width = round_width(
+                max(fit.rank, config.min_width), site.dim, config.width_multiple,
+                num_heads=self.adapter.heads_constraint(model, site), min_width=min(config.min_width, site.dim),
+            )
+            widths[site.name] = width
+            reports[site.name] = build_site_report(site, fit, width, eig.eigenvalues.cpu().numpy())
+        if config.output_format == "stock" and len(sites) > 1:
+            # One config field holds every layer's width: take the widest so no layer loses a kept direction.
+            uniform = max(widths.values())
+            widths = {name: uniform for name in widths}
+            for name in reports:
+                reports[name].kept_width = uniform
+        return widths, reports
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def save_checkpoint(self, model: nn.Module, state: Dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        stage_dir = self.checkpoints / f"stage-{state['completed_stages']}"
+        save_compressed_model(model, self.compressor.tokenizer, stage_dir, self.config.output_format, overwrite=True)
+        state = dict(state, checkpoint=stage_dir.name)
+        atomic_write_json(self.checkpoints / STATE_NAME, state)
+
+    def load_state(self) -> Optional[Dict[str, Any]]:
+        path = self.checkpoints / STATE_NAME
+        if not path.is_file():
+            return None
+        state = json.loads(path.read_text())
+        if state.get("config") != self.config.to_dict():
+            logger.warning(
+                "Checkpoints in %s were made with another configuration; starting from scratch.", self.checkpoints
+            )
+            return None
+        return state
+
+    # --- the pipeline ------------------------------------------------------------------------------------------
+    def execute(self, resume: bool) -> RMTKDResult:
+        config, accelerator = self.config, self.accelerator
+        state = self.load_state() if resume else None
+        if state is not None:
+            model = load_checkpoint(self.checkpoints / state["checkpoint"])
+            logger.info("Resuming after stage %d from %s", state["completed_stages"], self.checkpoints)
+        else:
+            model = copy.deepcopy(self.compressor.model)  # the input model is never modified
+            state = self.initial_state()
+            model = self.finetune_if_needed(model, state)
+            state["baseline_metric"] = self.evaluate(model)
+            if self.test_loader is not None:
+                state["baseline_test_metric"] = self.evaluate(model, self.test_loader)
+            state["parameters_original"] = count_parameters(self.compressor.model)
+            self.save_checkpoint(model, state)
+        model = model.to(accelerator.device)
+
+        stages = self.schedule(model)
+        while state["stop_reason"] is None:
+            if state["completed_stages"] >= len(stages):
+                state["stop_reason"] = "no site left"
+                break
+            if config.max_stages is not None and state["completed_stages"] >= config.max_stages:
+                state["stop_reason"] = f"max_stages={config.max_stages} reached"
+                break
+            model = self.run_stage(model, stages[state["completed_stages"]], state)
+            self.save_checkpoint(model, state)
+
+        return self.finish(model, state)
+
+    def initial_state(self) -> Dict[str, Any]:
+        return {
+            "config": self.config.to_dict(), "completed_stages": 0, "stages": [], "sites": {},
+            "baseline_metric": None, "baseline_test_metric": None, "stop_reason": None,
+            "parameters_original": None, "calibration_peak_rss_mb": 0.0,
+        }
+
+    def finetune_if_needed(self, model: nn.Module, state: Dict[str, Any]) -> nn.Module:
+        config = self.config
+        epochs = config.finetune_epochs if config.finetune_epochs > 0 else (1.0 if self.compressor.head_is_new else 0)
+        if epochs <= 0:
+            return model
+        reason = "the task head is new" if self.compressor.head_is_new else "`finetune_epochs` is set"
+        logger.info("Fine-tuning for up to %s epoch(s) before compressing (%s).", epochs, reason)
+
+        def reached_trigger(current: nn.Module) -> bool:
+            if config.trigger_metric is None:
+                return False
+            return self.evaluate(current) >= config.trigger_metric
+
+        model = train(model, self.train_loader, self.accelerator, config, epochs=epochs, description="Fine-tuning",
+                      stop_check=reached_trigger)
+        state["finetuned_epochs"] = epochs
+        return model
+
+    def run_stage(self, model: nn.Module, site_names: List[str], state: Dict[str, Any]) -> nn.Module:
+        config = self.config
+        index = state["completed_stages"]
+        sites = [s for s in self.adapter.sites(model) if s.name in site_names]
+        rss_before = psutil.Process().memory_info().rss
+        stats = collect_statistics(
+            model, self.calibration_loader, self.adapter.required_captures(sites), sample_unit=config.sample_unit,
+            accelerator=self.accelerator,
+        )
+        state["calibration_peak_rss_mb"] = max(
+            state["calibration_peak_rss_mb"], psutil.Process().memory_info().rss / 2**20
+        )
+        logger.debug("Calibration grew RSS by %.1f MiB", (psutil.Process().memory_info().rss - rss_before) / 2**20)
+        widths, reports = self.decide_widths(model, sites, stats)
+        for name, report in reports.items():
+            state["sites"][name] = report.to_dict()
+        worth_it = {
+            name: w for name, w in widths.items()
+            if w < config.max_kept_ratio * next(s.dim for s in sites if s.name == name)
+        }
+        record = {"stage": index + 1, "sites": site_names, "widths": widths, "metric_before_distillation": None,
+                  "metric_after_distillation": None, "parameters": count_parameters(model), "skipped": None}
+        state["completed_stages"] = index + 1
+        if len(worth_it) < len(widths):
+            record["skipped"] = f"kept width ≥ {config.max_kept_ratio:.0%} of the original width"
+            if config.output_format == "stock" or not worth_it:
+                state["stages"].append(record)
+                return model
+        cut = [s for s in sites if s.name in worth_it]
+
+        teacher = copy.deepcopy(model).eval()  # the checkpoint before this reduction
+        self.adapter.reduce(model, cut, worth_it, stats, config)
+        del stats
+        record["metric_before_distillation"] = self.evaluate(model)
+        model = train(model, self.train_loader, self.accelerator, config, teacher=teacher,
+                      epochs=config.distillation_epochs, description=f"Stage {index + 1}: distilling")
+        metric = self.evaluate(model)
+        record["metric_after_distillation"] = metric
+        record["parameters"] = count_parameters(model)
+        state["stages"].append(record)
+        logger.info("Stage %d (%s): widths %s, metric %.4f -> %.4f after distillation, %d parameters",
+                    index + 1, ", ".join(site_names), worth_it, record["metric_before_distillation"], metric,
+                    record["parameters"])
+
+        reduction = 1 - record["parameters"] / state["parameters_original"]
+        if config.max_metric_drop is not None and state["baseline_metric"] - metric > config.max_metric_drop:
+            state["stop_reason"] = (
+                f"validation metric {metric:.4f} fell more than {config.max_metric_drop} below the uncompressed "
+                f"{state['baseline_metric']:.4f}; kept the previous stage"
+            )
+            record["reverted"] = True
+            return teacher
+        if config.target_reduction is not None and reduction >= config.target_reduction:
+            state["stop_reason"] = f"target reduction {config.target_reduction:.0%} reached ({reduction:.1%})"
+        return model
+
+    def finish(self, model: nn.Module, state: Dict[str, Any]) -> RMTKDResult:
+        accelerator = self.accelerator
+        final_metric = self.evaluate(model)
+        test_metric = self.evaluate(model, self.test_loader) if self.test_loader is not None else None
+        report = self.build_report(model, state, final_metric, test_metric)
+        if accelerator.is_main_process:
+            save_compressed_model(
+                model, self.compressor.tokenizer, self.save_directory, self.config.output_format, overwrite=True,
+                config=self.config, report=report,
+                plots=lambda folder: save_spectrum_plots(state["sites"], folder, report),
+            )
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return RMTKDResult(model=model, report=report, save_directory=self.save_directory)
+
+    def build_report(self, model, state, final_metric, test_metric) -> Dict[str, Any]:
+        original = state["parameters_original"]
+        compressed = count_parameters(model)
+        metric_name = getattr(self.metric, "name", None) or (
+            getattr(self.metric, "__name__", None) if self.metric is not None else "accuracy"
+        )
+        widths = {name: site["kept_width"] for name, site in state["sites"].items()}
+        kept = [dict(site, kept_width=self._final_width(model, name, widths)) for name, site in state["sites"].items()]
+        return {
+            "base_model": self.compressor.source,
+            "task": "text-classification",
+            "package_version": __version__,
+            "dataset": {"calibration_samples": self.n_calibration_examples},
+            "metric_name": metric_name,
+            "metrics": {
+                "original": state["baseline_test_metric"] if test_metric is not None else state["baseline_metric"],
+                "compressed": test_metric if test_metric is not None else final_metric,
+                "original_validation": state["baseline_metric"],
+                "compressed_validation": final_metric,
+                "evaluated_on": "test" if test_metric is not None else "validation",
+            },
+            "parameters": {"original": original, "compressed": compressed, "reduction": 1 - compressed / original},
+            "calibration_peak_rss_mb": state["calibration_peak_rss_mb"],
+            "sites": kept,
+            "stages": state["stages"],
+            "output_format": self.config.output_format,
+            "stop_reason": state["stop_reason"],
+        }
+
+    def _final_width(self, model, name: str, decided: Dict[str, int]) -> int:
+        """The width the saved model really has (a reverted or skipped stage keeps the original)."""
+        current = {s.name: s.dim for s in self.adapter.sites(model)}
+        return current.get(name, decided[name])

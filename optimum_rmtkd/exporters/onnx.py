@@ -1,0 +1,431 @@
+"""ONNX export of a saved classifier, in the folder layout optimum's ONNX Runtime classes read, checked against PyTorch.
+
+The export goes through `torch.onnx.export(..., dynamo=True)` (the default since PyTorch 2.9): `torch.export` traces
+with symbolic batch, sequence and image sizes, so the dynamic axes hold by construction and anything that would
+specialise them fails at export time instead of silently. The TorchScript tracer (`dynamo=False`) records Python
+booleans computed from shapes in transformers' mask code as constants; measured here with transformers 5.24 on a
+tiny BERT, its ONNX file answered 1e-2 away from PyTorch at any shape other than the traced one, so it is not used.
+
+Written folder (what `ORTModelForSequenceClassification.from_pretrained(folder)` expects):
+`model.onnx` (plus `model.onnx.data` above 2 GB), `config.json` and the tokenizer or image-processor files, and,
+when a graph optimisation or float16 is asked for, `model_optimized.onnx` beside the plain export (optimum's name
+for the output of its `ORTOptimizer`).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.utils import logging
+
+from ..utils.import_utils import require
+from ..utils.io import atomic_directory
+
+logger = logging.get_logger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+ONNX_WEIGHTS_NAME = "model.onnx"
+ONNX_OPTIMIZED_NAME = "model_optimized.onnx"
+MIN_OPSET = 18
+OPTIMIZATION_LEVELS = ("basic", "extended", "all")
+DEVICES = ("cpu", "cuda")
+# float32 logits agree to ~1e-6 on the models tested; float16 keeps ~3 significant digits, so its default is looser.
+DEFAULT_ATOL = 1e-4
+DEFAULT_ATOL_FP16 = 1e-2
+# Above this many bytes of weights a single protobuf would pass ONNX's 2 GB limit: write them as external data.
+_EXTERNAL_DATA_BYTES = 1_800_000_000
+# Files of the source folder that hold weights in another format; everything else (config, tokenizer,
+# processor, custom modeling code, rmtkd metadata) is copied beside the ONNX file.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx.data")
+_WEIGHT_INDEX_SUFFIX = ".index.json"
+
+
+class RMTKDValidationError(ValueError):
+    """Raised when ONNX Runtime's outputs differ from PyTorch's by more than the tolerance."""
+
+
+@dataclass
+class ONNXExportResult:
+    """What `export_onnx` wrote and how well it matched PyTorch.
+
+    Args:
+        onnx_path (`Path`): the ONNX file to load (`model_optimized.onnx` when an optimisation or float16 was asked for).
+        max_abs_diff (`dict[str, float]`): max |ONNX Runtime − PyTorch| of the logits per validated shape
+            (`"{batch}x{sequence length or image size}"`); empty when `validate=False`.
+        passed (`bool` or `None`): whether every shape stayed within `atol`; `None` when not validated.
+        opset (`int`): the ONNX opset of the default domain.
+        atol (`float`): the tolerance the validation used.
+        seconds (`float`): wall time of the whole export, validation included.
+    """
+
+    onnx_path: Path
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+    passed: Optional[bool] = None
+    opset: int = MIN_OPSET
+    atol: float = DEFAULT_ATOL
+    seconds: float = 0.0
+
+
+def read_config_dict(model_dir: PathLike) -> dict:
+    """Read `config.json` of a saved model folder as a plain dict (no class lookup, so custom types need no code)."""
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"`model_dir` {str(model_dir)!r} has no config.json; pass a folder written by `save_pretrained`.")
+    return json.loads(config_file.read_text(encoding="utf-8"))
+
+
+def is_image_config(config: Union[dict, PretrainedConfig]) -> bool:
+    """Whether a config describes an image classifier (ResNet or anything with `num_channels`), else text."""
+    if not isinstance(config, dict):
+        config = config.to_dict()
+    return "resnet" in str(config.get("model_type", "")) or config.get("num_channels") is not None
+
+
+def load_classification_model(model_dir: PathLike, *, device: str = "cpu") -> PreTrainedModel:
+    """Load a saved sequence or image classifier in float32 and eval mode.
+
+    The Auto class is chosen from `config.json`; `trust_remote_code=True` is passed only when the config has an
+    `auto_map` (a registered `rmtkd_*` type saved with its modeling code). Weights are cast to float32 so that an
+    export, a validation and a benchmark compare the architectures, not the storage precision.
+    """
+    config = read_config_dict(model_dir)
+    auto_class = AutoModelForImageClassification if is_image_config(config) else AutoModelForSequenceClassification
+    kwargs = {"trust_remote_code": True} if config.get("auto_map") else {}
+    model = auto_class.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    return model.to(device).eval()
+
+
+def onnx_input_names(model: PreTrainedModel) -> tuple[str, ...]:
+    """The graph inputs, named as optimum's ONNX configs name them.
+
+    `token_type_ids` is an input only when the model takes it and has more than one segment type
+    (`type_vocab_size > 1`): RoBERTa's single type makes it a constant, and optimum's RoBERTa export omits it too.
+    """
+    if is_image_config(model.config):
+        return ("pixel_values",)
+    parameters = inspect.signature(model.forward).parameters
+    names = ["input_ids"]
+    if "attention_mask" in parameters:
+        names.append("attention_mask")
+    if "token_type_ids" in parameters and getattr(model.config, "type_vocab_size", 1) > 1:
+        names.append("token_type_ids")
+    return tuple(names)
+
+
+def random_inputs(
+    config, input_names: Sequence[str], batch_size: int, size: int, *, with_padding: bool, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Random model inputs as numpy arrays: token ids of length `size`, or `size` × `size` images.
+
+    With `with_padding`, row i of a text batch keeps `size - i * size // (batch_size + 1)` tokens and the rest is
+    padding (pad id, attention mask 0), so every batch of two or more rows checks the masked path; row 0 stays full.
+    `token_type_ids` marks the second half of each row as segment 1.
+    """
+    if "pixel_values" in input_names:
+        channels = getattr(config, "num_channels", 3)
+        return {"pixel_values": rng.standard_normal((batch_size, channels, size, size)).astype(np.float32)}
+    input_ids = rng.integers(0, config.vocab_size, size=(batch_size, size), dtype=np.int64)
+    attention_mask = np.ones((batch_size, size), dtype=np.int64)
+    if with_padding:
+        pad_id = getattr(config, "pad_token_id", None) or 0
+        for row in range(batch_size):
+            length = size - row * size // (batch_size + 1)
+            attention_mask[row, length:] = 0
+            input_ids[row, length:] = pad_id
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "token_type_ids" in input_names:
+        inputs["token_type_ids"] = np.broadcast_to(np.arange(size) >= size // 2, (batch_size, size)).astype(np.int64)
+    return {name: inputs[name] for name in input_names}
+
+
+def _dynamic_shapes(input_names: Sequence[str]) -> dict[str, dict[int, str]]:
+    if "pixel_values" in input_names:
+        return {"pixel_values": {0: "batch_size", 2: "height", 3: "width"}}
+    return {name: {0: "batch_size", 1: "sequence_length"} for name in input_names}
+
+
+def _weights_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _torch_export(model: PreTrainedModel, onnx_path: Path, opset: int) -> None:
+    """Trace `model` with `torch.export` and write the ONNX graph with dynamic batch/sequence (or image) axes."""
+    input_names = onnx_input_names(model)
+    # Trace at batch 2 with a padded row: torch.export specialises sizes 0 and 1, and an all-ones mask could let
+    # a model take a mask-free path that a padded batch never takes.
+    size = 16 if "pixel_values" not in input_names else 32
+    example = random_inputs(model.config, input_names, 2, size, with_padding=True, rng=np.random.default_rng(0))
+    kwargs = {name: torch.from_numpy(array).to(model.device) for name, array in example.items()}
+    with warnings.catch_warnings():
+        # Each input repeats the axis names "batch_size"/"sequence_length"; torch notes that it merges them.
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+        torch.onnx.export(
+            model,
+            (),
+            str(onnx_path),
+            kwargs=kwargs,
+            input_names=list(input_names),
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=_dynamic_shapes(input_names),
+            external_data=_weights_bytes(model) > _EXTERNAL_DATA_BYTES,
+            verbose=False,
+        )
+
+
+def _copy_model_files(model_dir: Path, output_dir: Path) -> None:
+    for source in sorted(model_dir.iterdir()):
+        name = source.name
+        if not source.is_file() or name.startswith(".") or name.endswith(_WEIGHT_SUFFIXES + (_WEIGHT_INDEX_SUFFIX,)):
+            continue
+        shutil.copy2(source, output_dir / name)
+
+
+def _execution_providers(device: str) -> list[str]:
+    if device == "cuda":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _convert_to_fp16(source: Path, destination: Path) -> None:
+    """Cast the weights and activations of an ONNX graph to float16, keeping float32 inputs and outputs.
+
+    Uses ONNX Runtime's own converter (`onnxruntime.transformers.onnx_model.OnnxModel`), which also keeps in
+    float32 the ops that have no float16 kernel and re-sorts the graph after inserting its casts.
+    """
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    onnx_model = OnnxModel(onnx.load(str(source)))
+    onnx_model.convert_float_to_float16(keep_io_types=True)
+    large = onnx_model.model.ByteSize() > _EXTERNAL_DATA_BYTES
+    onnx_model.save_model_to_file(str(destination), use_external_data_format=large)
+
+
+def _optimize_graph(source: Path, destination: Path, optimization_level: str, providers: list[str]) -> None:
+    """Let an ONNX Runtime session apply its graph optimisations and serialise the result.
+
+    The session is built with the providers the model will run on, because fusions above `basic` are chosen per
+    execution provider. `all` adds layout transforms tuned to this CPU: that file is for this machine only.
+    """
+    import onnxruntime as ort
+
+    levels = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[optimization_level]
+    options.optimized_model_filepath = str(destination)
+    ort.InferenceSession(str(source), options, providers=providers)
+
+
+def _check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise ValueError(f"`device` must be one of {DEVICES}, got {device!r}.")
+    if device == "cuda":
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+        if not torch.cuda.is_available() or "CUDAExecutionProvider" not in providers:
+            raise ValueError(
+                f"`device`='cuda' needs a GPU visible to PyTorch and onnxruntime's CUDAExecutionProvider "
+                f"(install `onnxruntime-gpu`), got torch.cuda.is_available()={torch.cuda.is_available()} "
+                f"and providers {providers}."
+            )
+
+
+def export_onnx(
+    model_dir: PathLike,
+    output_dir: PathLike,
+    *,
+    opset: int = MIN_OPSET,
+    validate: bool = True,
+    atol: Optional[float] = None,
+    optimization_level: Optional[str] = None,
+    fp16: bool = False,
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> ONNXExportResult:
+    """Export a saved sequence or image classifier to ONNX and check it against PyTorch with ONNX Runtime.
+
+    Args:
+        model_dir (`str` or `os.PathLike`): a `save_pretrained` folder (stock or registered `rmtkd_*` type).
+        output_dir (`str` or `os.PathLike`): the folder to write; must not be `model_dir` nor contain it. It is
+            written atomically: on any error (a failed validation included) nothing is left behind.
+        opset (`int`, *optional*, defaults to 18): ONNX opset, at least 18 (the dynamo exporter's lowest).
+        validate (`bool`, *optional*, defaults to `True`): run `validate_onnx` on the written file.
+        atol (`float`, *optional*): tolerance on max |Δ| of the logits; defaults to 1e-4, or 1e-2 with `fp16`.
+        optimization_level (`str`, *optional*): `"basic"`, `"extended"` or `"all"`: ONNX Runtime graph
+            optimisations applied ahead of time and saved as `model_optimized.onnx`.
+        fp16 (`bool`, *optional*, defaults to `False`): convert weights and activations to float16 (inputs and
+            logits stay float32); needs `device="cuda"`, since the CPU execution provider lacks float16 kernels.
+        device (`str`, *optional*, defaults to `"cpu"`): where validation runs (`"cpu"`: CPU execution provider;
+            `"cuda"`: CUDA execution provider and the PyTorch reference on the GPU). Tracing is always on CPU.
+        overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty `output_dir`.
+
+    Returns:
+        `ONNXExportResult`: the ONNX path, max |Δ| per validated shape, whether it passed, the opset and the time.
+
+    Example:
+    ```python
+    >>> from optimum_rmtkd.exporters.onnx import export_onnx
+    >>> result = export_onnx("bert-rmtkd", "bert-rmtkd-onnx")
+    >>> from optimum.onnxruntime import ORTModelForSequenceClassification  # optimum-onnx, when installed
+    >>> model = ORTModelForSequenceClassification.from_pretrained("bert-rmtkd-onnx")
+    ```
+    """
+    start = time.perf_counter()
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise TypeError(f"`opset` must be an int, got {type(opset).__name__}.")
+    if opset < MIN_OPSET:
+        raise ValueError(f"`opset` must be at least {MIN_OPSET} (the dynamo exporter's lowest), got {opset}.")
+    if optimization_level is not None and optimization_level not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"`optimization_level` must be None or one of {OPTIMIZATION_LEVELS}, got {optimization_level!r}.")
+    resolved_model, resolved_output = model_dir.resolve(), output_dir.resolve()
+    if resolved_output == resolved_model or resolved_output in resolved_model.parents:
+        raise ValueError(
+            f"`output_dir` {str(output_dir)!r} must differ from `model_dir` and not contain it, since it is replaced "
+            f"as a whole; choose a new folder."
+        )
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        require(module, "export_onnx", "onnx")
+    if fp16 and device != "cuda":
+        raise ValueError(
+            f"`fp16=True` needs `device='cuda'`, got `device`={device!r}: the CPU execution provider has few float16 "
+            f"kernels, so a float16 graph runs slower there than float32; export in float32 for CPU."
+        )
+    _check_device(device)
+    if atol is None:
+        atol = DEFAULT_ATOL_FP16 if fp16 else DEFAULT_ATOL
+    if not atol > 0:
+        raise ValueError(f"`atol` must be positive, got {atol}.")
+
+    model = load_classification_model(model_dir)
+    providers = _execution_providers(device)
+    with atomic_directory(output_dir, overwrite=overwrite) as tmp_dir:
+        onnx_path = tmp_dir / ONNX_WEIGHTS_NAME
+        _torch_export(model, onnx_path, opset)
+        _copy_model_files(model_dir, tmp_dir)
+        if fp16 or optimization_level is not None:
+            optimized_path = tmp_dir / ONNX_OPTIMIZED_NAME
+            if fp16 and optimization_level is not None:
+                # The session reads its source before writing; keep the two files apart, then drop the float16 one.
+                fp16_path = tmp_dir / f".fp16.{ONNX_OPTIMIZED_NAME}"
+                _convert_to_fp16(onnx_path, fp16_path)
+                _optimize_graph(fp16_path, optimized_path, optimization_level, providers)
+                for stale in tmp_dir.glob(f"{fp16_path.name}*"):
+                    stale.unlink()
+            elif fp16:
+                _convert_to_fp16(onnx_path, optimized_path)
+            else:
+                _optimize_graph(onnx_path, optimized_path, optimization_level, providers)
+            onnx_path = optimized_path
+        max_abs_diff: dict[str, float] = {}
+        if validate:
+            max_abs_diff = validate_onnx(onnx_path, model.to(device), atol=atol, providers=providers)
+        final_path = output_dir / onnx_path.name
+    seconds = time.perf_counter() - start
+    logger.info("Exported %s to %s in %.1f s (max |Δ| %s).", model_dir, final_path, seconds, max_abs_diff)
+    return ONNXExportResult(
+        onnx_path=final_path,
+        max_abs_diff=max_abs_diff,
+        passed=True if validate else None,
+        opset=opset,
+        atol=atol,
+        seconds=seconds,
+    )
+
+
+def _resolve_onnx_path(onnx_dir_or_path: PathLike) -> Path:
+    path = Path(onnx_dir_or_path)
+    if path.is_dir():
+        path = path / ONNX_WEIGHTS_NAME
+    if not path.is_file():
+        raise ValueError(f"`onnx_dir_or_path` {str(onnx_dir_or_path)!r} is neither an ONNX file nor a folder with {ONNX_WEIGHTS_NAME}.")
+    return path
+
+
+def validate_onnx(
+    onnx_dir_or_path: PathLike,
+    model: Union[PreTrainedModel, PathLike],
+    *,
+    atol: float = DEFAULT_ATOL,
+    shapes: Sequence[tuple[int, int]] = ((2, 16), (3, 37)),
+    with_padding: bool = True,
+    providers: Optional[Sequence[str]] = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Check an ONNX file with `onnx.checker`, then compare ONNX Runtime's logits with PyTorch's.
+
+    Fresh random inputs at each `(batch_size, size)` shape (`size` is the sequence length, or the height and width
+    of an image), with padded rows when `with_padding`: two shapes other than the traced one show that the dynamic
+    axes really are dynamic, and the padded rows check the attention mask.
+
+    Args:
+        onnx_dir_or_path (`str` or `os.PathLike`): an ONNX file, or a folder holding `model.onnx`.
+        model (`PreTrainedModel`, `str` or `os.PathLike`): the PyTorch reference, or its `save_pretrained` folder.
+        atol (`float`, *optional*, defaults to 1e-4): largest allowed max |Δ| of the logits.
+        shapes (`Sequence[tuple[int, int]]`, *optional*): the `(batch_size, size)` pairs to compare at.
+        with_padding (`bool`, *optional*, defaults to `True`): pad all text rows but the first.
+        providers (`Sequence[str]`, *optional*): ONNX Runtime execution providers; defaults to the CPU one.
+        seed (`int`, *optional*, defaults to 0): seed of the random inputs.
+
+    Returns:
+        `dict[str, float]`: max |Δ| per shape, keyed `"{batch_size}x{size}"`.
+
+    Raises:
+        `RMTKDValidationError`: when an output has the wrong shape or max |Δ| exceeds `atol` (or is not finite).
+    """
+    import onnx
+    import onnxruntime as ort
+
+    path = _resolve_onnx_path(onnx_dir_or_path)
+    # The path form also checks models with external data and above 2 GB.
+    onnx.checker.check_model(str(path))
+    if not isinstance(model, torch.nn.Module):
+        model = load_classification_model(model)
+    session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+    input_names = [graph_input.name for graph_input in session.get_inputs()]
+    rng = np.random.default_rng(seed)
+    max_abs_diff: dict[str, float] = {}
+    for batch_size, size in shapes:
+        key = f"{batch_size}x{size}"
+        feed = random_inputs(model.config, input_names, batch_size, size, with_padding=with_padding, rng=rng)
+        with torch.no_grad():
+            reference = model(**{name: torch.from_numpy(a).to(model.device) for name, a in feed.items()}).logits
+        reference = reference.float().cpu().numpy()
+        output = session.run(["logits"], feed)[0]
+        if output.shape != reference.shape:
+            raise RMTKDValidationError(
+                f"ONNX Runtime logits have shape {output.shape} at inputs {key}, PyTorch's {reference.shape}."
+            )
+        max_abs_diff[key] = float(np.max(np.abs(output.astype(np.float64) - reference)))
+    failing = {key: diff for key, diff in max_abs_diff.items() if not diff <= atol}  # NaN fails too
+    if failing:
+        worst = max(failing, key=lambda key: np.nan_to_num(failing[key], nan=np.inf))
+        raise RMTKDValidationError(
+            f"ONNX Runtime and PyTorch logits differ by max |Δ| = {failing[worst]:.3e} at inputs {worst}, above "
+            f"`atol` = {atol:.1e} (max |Δ| per shape: {max_abs_diff}); the export is wrong or `atol` is too tight."
+        )
+    logger.info("ONNX validation of %s passed: max |Δ| %s (atol %.1e).", path, max_abs_diff, atol)
+    return max_abs_diff

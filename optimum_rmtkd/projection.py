@@ -1,0 +1,201 @@
+"""Weight surgery: fold rotations, pick channels, refit readers, and slice layers keeping device and dtype.
+
+transformers 5 dropped head pruning and its `prune_linear_layer` returns float32 for a bf16 layer, so the slicing
+helpers here build every new layer with the old layer's device and dtype and copy under `no_grad`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import nn
+
+
+def select_channels(eigenvectors: torch.Tensor, width: int) -> torch.Tensor:
+    """Choose `width` coordinates that best span the top `width` eigenvectors (pivoted QR on Pᵀ).
+
+    Args:
+        eigenvectors (`torch.Tensor`): `(dim, r)` eigenvectors as columns, strongest first (r ≥ width).
+        width (`int`): number of coordinates (channels) to keep.
+
+    Returns:
+        `torch.LongTensor`: the kept coordinates, sorted ascending (`keep`).
+    """
+    dim = eigenvectors.shape[0]
+    if not 1 <= width <= dim:
+        raise ValueError(f"`width` must be in [1, {dim}], got {width}.")
+    if width == dim:
+        return torch.arange(dim)
+    basis = eigenvectors[:, :width].detach().cpu().double().numpy()
+    # Column pivoting on P (width × dim) orders coordinates by how much new span of the kept subspace they add.
+    _, _, pivots = scipy.linalg.qr(basis.T, mode="economic", pivoting=True)
+    return torch.from_numpy(np.sort(pivots[:width])).long()
+
+
+def refit_reader_weight(
+    weight: torch.Tensor, second_moment: torch.Tensor, keep: torch.Tensor, ridge: float = 1e-4
+) -> torch.Tensor:
+    """Least-squares refit of a reader when only the `keep` inputs survive: W ← W Σ[:, S] (Σ[S, S] + εI)⁻¹.
+
+    This is the W' minimising E‖W x − W' x_S‖² under the calibration second moment Σ (DESIGN §2(b)); the ridge ε is
+    `ridge` times the mean diagonal of Σ[S, S] and keeps the solve stable on near-collinear channels. When every
+    input is kept the weight is returned unchanged (the reduction is then exact).
+    """
+    dim = weight.shape[1]
+    if keep.numel() == dim:
+        return weight[:, keep].clone()
+    sigma = second_moment.to(torch.float64).cpu()
+    sigma_ss = sigma[keep][:, keep]
+    eps = ridge * float(torch.diagonal(sigma_ss).mean().clamp_min(1e-12))
+    gram = sigma_ss + eps * torch.eye(keep.numel(), dtype=torch.float64)
+    cross = sigma[:, keep]  # (dim, k)
+    # W' = W Σ[:,S] G⁻¹  <=>  G W'ᵀ = (W Σ[:,S])ᵀ, G symmetric positive definite.
+    rhs = (weight.detach().to(torch.float64).cpu() @ cross).T
+    solution = torch.linalg.solve(gram, rhs).T
+    return solution.to(dtype=weight.dtype, device=weight.device)
+
+
+def _new_linear(in_features: int, out_features: int, like: nn.Linear) -> nn.Linear:
+    return nn.Linear(
+        in_features, out_features, bias=like.bias is not None, device=like.weight.device, dtype=like.weight.dtype
+    )
+
+
+@torch.no_grad()
+def slice_linear_outputs(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
+    """A copy of `linear` producing only the `keep` outputs (a writer losing channels)."""
+    keep = keep.to(linear.weight.device)
+    new = _new_linear(linear.in_features, keep.numel(), linear)
+    new.weight.copy_(linear.weight[keep])
+    if linear.bias is not None:
+        new.bias.copy_(linear.bias[keep])
+    return new
+
+
+@torch.no_grad()
+def slice_linear_inputs(linear: nn.Linear, keep: torch.Tensor, weight: torch.Tensor | None = None) -> nn.Linear:
+    """A copy of `linear` reading only the `keep` inputs; `weight` (out × k) replaces the plain slice (a refit)."""
+    keep = keep.to(linear.weight.device)
+    new = _new_linear(keep.numel(), linear.out_features, linear)
+    new.weight.copy_(linear.weight[:, keep] if weight is None else weight)
+    if linear.bias is not None:
+        new.bias.copy_(linear.bias)
+    return new
+
+
+@torch.no_grad()
+def rotate_linear_outputs(linear: nn.Linear, projection: torch.Tensor) -> nn.Linear:
+    """Fold P (k × out) into a writer: W ← P W, b ← P b."""
+    p = projection.to(device=linear.weight.device, dtype=torch.float64)
+    new = _new_linear(linear.in_features, p.shape[0], linear)
+    new.weight.copy_((p @ linear.weight.double()).to(linear.weight.dtype))
+    if linear.bias is not None:
+        new.bias.copy_((p @ linear.bias.double()).to(linear.bias.dtype))
+    return new
+
+
+@torch.no_grad()
+def rotate_linear_inputs(linear: nn.Linear, projection: torch.Tensor) -> nn.Linear:
+    """Fold Pᵀ (in × k) into a reader: W ← W Pᵀ."""
+    p = projection.to(device=linear.weight.device, dtype=torch.float64)
+    new = _new_linear(p.shape[0], linear.out_features, linear)
+    new.weight.copy_((linear.weight.double() @ p.T).to(linear.weight.dtype))
+    if linear.bias is not None:
+        new.bias.copy_(linear.bias)
+    return new
+
+
+@torch.no_grad()
+def slice_embedding(embedding: nn.Embedding, keep: torch.Tensor) -> nn.Embedding:
+    """A copy of `embedding` whose vectors keep only the `keep` coordinates."""
+    keep = keep.to(embedding.weight.device)
+    new = nn.Embedding(
+        embedding.num_embeddings,
+        keep.numel(),
+        padding_idx=embedding.padding_idx,
+        device=embedding.weight.device,
+        dtype=embedding.weight.dtype,
+    )
+    new.weight.copy_(embedding.weight[:, keep])
+    return new
+
+
+@torch.no_grad()
+def slice_layer_norm(norm: nn.LayerNorm, keep: torch.Tensor) -> nn.LayerNorm:
+    """A LayerNorm over the `keep` coordinates with γ and β sliced (exact only when every coordinate is kept)."""
+    keep = keep.to(norm.weight.device)
+    new = nn.LayerNorm(
+        keep.numel(),
+        eps=norm.eps,
+        elementwise_affine=norm.elementwise_affine,
+        bias=norm.bias is not None,
+        device=norm.weight.device,
+        dtype=norm.weight.dtype,
+    )
+    if norm.elementwise_affine:
+        new.weight.copy_(norm.weight[keep])
+        if norm.bias is not None:
+            new.bias.copy_(norm.bias[keep])
+    return new
+
+
+@torch.no_grad()
+def slice_conv2d(conv: nn.Conv2d, keep_out: torch.Tensor | None = None, keep_in: torch.Tensor | None = None,
+                 weight: torch.Tensor | None = None) -> nn.Conv2d:
+    """A copy of a (non-grouped) `conv` keeping output channels `keep_out` and input channels `keep_in`."""
+    if conv.groups != 1:
+        raise ValueError(f"Only `groups=1` convolutions can be sliced, got groups={conv.groups}.")
+    w = conv.weight
+    out_idx = torch.arange(conv.out_channels) if keep_out is None else keep_out
+    in_idx = torch.arange(conv.in_channels) if keep_in is None else keep_in
+    new = nn.Conv2d(
+        in_idx.numel(), out_idx.numel(), conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+        device=w.device, dtype=w.dtype,
+    )
+    sliced = w[out_idx.to(w.device)][:, in_idx.to(w.device)] if weight is None else weight
+    new.weight.copy_(sliced)
+    if conv.bias is not None:
+        new.bias.copy_(conv.bias[out_idx.to(w.device)])
+    return new
+
+
+@torch.no_grad()
+def slice_batch_norm(norm: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
+    """A BatchNorm over the `keep` channels, affine parameters and running statistics sliced with them."""
+    keep = keep.to(norm.weight.device if norm.weight is not None else norm.running_mean.device)
+    ref = norm.weight if norm.weight is not None else norm.running_mean
+    new = nn.BatchNorm2d(
+        keep.numel(), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+        track_running_stats=norm.track_running_stats, device=ref.device, dtype=ref.dtype,
+    )
+    if norm.affine:
+        new.weight.copy_(norm.weight[keep])
+        new.bias.copy_(norm.bias[keep])
+    if norm.track_running_stats:
+        new.running_mean.copy_(norm.running_mean[keep])
+        new.running_var.copy_(norm.running_var[keep])
+        new.num_batches_tracked.copy_(norm.num_batches_tracked)
+    return new
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at the dotted state-dict `path` (e.g. `encoder.layer.0.intermediate.dense`)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def blocks(matrix: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """The diagonal blocks of a square matrix for consecutive groups of the given sizes (per attention head)."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(matrix[start : start + size, start : start + size])
+        start += size
+    return out
