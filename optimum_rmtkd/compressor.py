@@ -27,24 +27,23 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 from transformers.utils import logging
 
 from .adapters import Site, get_adapter
 from .calibration import collect_statistics
 from .configuration import CONFIG_NAME, RMTKDConfig
 from .covariance import SecondMomentAccumulator
-from .data import DatasetLike, calibration_subset, label_mapping, load_split, tokenize_text_dataset
+from .data import DatasetLike, calibration_subset, check_columns, label_mapping, load_split
 from .distillation import evaluate_model, train
 from .report import REPORT_NAME, SiteReport, build_site_report, save_spectrum_plots
 from .rmt import fit_spectrum, round_width
 from .saving import load_checkpoint, save_compressed_model
+from .tasks import get_task
 from .utils.io import atomic_write_json
 from .version import __version__
 
 logger = logging.get_logger(__name__)
 
-TASKS = ("text-classification",)
 STATE_NAME = "rmtkd_state.json"
 
 
@@ -66,16 +65,20 @@ class RMTKDCompressor:
 
     Args:
         model (`transformers.PreTrainedModel`): the model to compress; never modified (a copy is edited).
-        tokenizer: its tokenizer, saved with the compressed model.
+        preprocessor: its tokenizer or image processor, saved with the compressed model.
+        task (`str`, *optional*, defaults to `"text-classification"`): the task, see `optimum_rmtkd.tasks`.
         source (`str`, *optional*): the Hub id or local path it came from, recorded as `base_model`.
         head_is_new (`bool`, *optional*, defaults to `False`): the task head was freshly initialised, so the
             model is fine-tuned before the first reduction.
     """
 
-    def __init__(self, model: nn.Module, tokenizer=None, *, source: Optional[str] = None, head_is_new: bool = False):
+    def __init__(self, model: nn.Module, preprocessor=None, *, task: str = "text-classification",
+                 source: Optional[str] = None, head_is_new: bool = False):
         self.adapter = get_adapter(model)
+        self.task = task
+        self.spec = get_task(task)
         self.model = model
-        self.tokenizer = tokenizer
+        self.preprocessor = preprocessor
         self.source = source
         self.head_is_new = head_is_new
 
@@ -89,15 +92,12 @@ class RMTKDCompressor:
         A checkpoint without a classification head (e.g. a sentence encoder) gets a new one with `num_labels`
         classes (default 2); the compressor then fine-tunes it before compressing.
         """
-        if task not in TASKS:
-            raise ValueError(f"`task` must be one of {', '.join(map(repr, TASKS))}, got {task!r}.")
-        import optimum_rmtkd.modeling  # noqa: F401  (registers the per-layer model types)
-
+        spec = get_task(task)
         kwargs = dict(hub_kwargs)
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
         try:
-            model, info = AutoModelForSequenceClassification.from_pretrained(
+            model, info = spec.auto_model.from_pretrained(
                 model_name_or_path, output_loading_info=True, **kwargs
             )
         except OSError as error:
@@ -105,11 +105,11 @@ class RMTKDCompressor:
                 f"Could not load a model from {str(model_name_or_path)!r}: pass a local folder with config.json and "
                 "weights, or a Hub model id reachable from this machine (set `HF_HUB_OFFLINE=1` to use the cache)."
             ) from error
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **hub_kwargs)
+        preprocessor = spec.load_preprocessor(model_name_or_path, **hub_kwargs)
         missing = set(info.get("missing_keys", []))
-        head_prefixes = ("classifier", "pre_classifier", "pooler")
+        head_prefixes = ("classifier", "pre_classifier", "pooler", "fc")
         head_is_new = any(key.split(".")[0] in head_prefixes for key in missing)
-        return cls(model, tokenizer, source=str(model_name_or_path), head_is_new=head_is_new)
+        return cls(model, preprocessor, task=task, source=str(model_name_or_path), head_is_new=head_is_new)
 
     # ------------------------------------------------------------------------------------------------------------
     def compress(
@@ -124,6 +124,7 @@ class RMTKDCompressor:
         test_dataset: Optional[DatasetLike] = None,
         text_column: str = "text",
         text_pair_column: Optional[str] = None,
+        image_column: str = "image",
         label_column: str = "label",
         overwrite: bool = False,
         resume: bool = True,
@@ -142,6 +143,7 @@ class RMTKDCompressor:
             metric (*optional*): an `evaluate.EvaluationModule` or a callable `(predictions, references)`;
                 defaults to accuracy computed locally.
             test_dataset (*optional*): held-out data scored before and after compression for the report.
+            text_column / text_pair_column / image_column / label_column: the dataset's column names.
         """
         config = config or RMTKDConfig()
         save_directory = Path(save_directory)
@@ -155,24 +157,21 @@ class RMTKDCompressor:
                 raise ValueError("`train_dataset` is too small to hold out a validation split; pass `eval_dataset`.")
             split = train_ds.train_test_split(test_size=0.1, seed=config.seed)
             train_ds, eval_ds = split["train"], split["test"]
-        to_id = label_mapping(train_ds, label_column) if label_column in train_ds.column_names else None
-        encode = dict(
-            tokenizer=self.tokenizer, text_column=text_column, text_pair_column=text_pair_column,
-            label_column=label_column, max_length=config.max_length, label_to_id=to_id,
-        )
-        train_tok = tokenize_text_dataset(train_ds, name="train_dataset", **encode)
-        eval_tok = tokenize_text_dataset(eval_ds, name="eval_dataset", **encode)
-        test_tok = (
-            tokenize_text_dataset(load_split(test_dataset, "test"), name="test_dataset", **encode)
-            if test_dataset is not None else None
-        )
+        columns = {"text": text_column, "text_pair": text_pair_column, "image": image_column, "label": label_column}
+        check_columns(train_ds, [columns[self.spec.input_column], label_column], "train_dataset")
+        to_id = label_mapping(train_ds, label_column)
+
+        def prepare(dataset: datasets.Dataset, name: str, labelled: bool = True) -> datasets.Dataset:
+            cols = dict(columns, label=label_column if labelled else None)
+            return self.spec.preprocess(dataset, self.preprocessor, cols, config.max_length, to_id, name)
+
+        train_tok = prepare(train_ds, "train_dataset")
+        eval_tok = prepare(eval_ds, "eval_dataset")
+        test_tok = prepare(load_split(test_dataset, "test"), "test_dataset") if test_dataset is not None else None
         self._check_labels(train_tok)
         if calibration_dataset is not None:
             calib_ds = load_split(calibration_dataset, "train")
-            calib_tok = tokenize_text_dataset(
-                calib_ds, name="calibration_dataset",
-                **{**encode, "label_column": label_column if label_column in calib_ds.column_names else None},
-            )
+            calib_tok = prepare(calib_ds, "calibration_dataset", labelled=label_column in calib_ds.column_names)
             calib_tok = calib_tok.select(range(min(len(calib_tok), config.max_calibration_examples)))
         else:
             calib_tok = calibration_subset(
@@ -221,7 +220,7 @@ class _Run:
         self.save_directory = save_directory
         self.checkpoints = Path(f"{save_directory}.checkpoints")
         self.metric = metric
-        collator = DataCollatorWithPadding(compressor.tokenizer)
+        collator = compressor.spec.collator(compressor.preprocessor)
         self.train_loader = DataLoader(
             train_tok.with_format("torch"), batch_size=config.batch_size, shuffle=True, collate_fn=collator,
             generator=torch.Generator().manual_seed(config.seed),
@@ -295,7 +294,7 @@ class _Run:
         if not self.accelerator.is_main_process:
             return
         stage_dir = self.checkpoints / f"stage-{state['completed_stages']}"
-        save_compressed_model(model, self.compressor.tokenizer, stage_dir, self.config.output_format, overwrite=True)
+        save_compressed_model(model, self.compressor.preprocessor, stage_dir, self.config.output_format, overwrite=True)
         state = dict(state, checkpoint=stage_dir.name)
         atomic_write_json(self.checkpoints / STATE_NAME, state)
 
@@ -316,7 +315,7 @@ class _Run:
         config, accelerator = self.config, self.accelerator
         state = self.load_state() if resume else None
         if state is not None:
-            model = load_checkpoint(self.checkpoints / state["checkpoint"])
+            model = load_checkpoint(self.checkpoints / state["checkpoint"], self.compressor.spec.auto_model)
             logger.info("Resuming after stage %d from %s", state["completed_stages"], self.checkpoints)
         else:
             model = copy.deepcopy(self.compressor.model)  # the input model is never modified
@@ -430,7 +429,7 @@ class _Run:
         report = self.build_report(model, state, final_metric, test_metric)
         if accelerator.is_main_process:
             save_compressed_model(
-                model, self.compressor.tokenizer, self.save_directory, self.config.output_format, overwrite=True,
+                model, self.compressor.preprocessor, self.save_directory, self.config.output_format, overwrite=True,
                 config=self.config, report=report,
                 plots=lambda folder: save_spectrum_plots(state["sites"], folder, report),
             )
@@ -448,7 +447,7 @@ class _Run:
         kept = [dict(site, kept_width=self._final_width(model, name, widths)) for name, site in state["sites"].items()]
         return {
             "base_model": self.compressor.source,
-            "task": "text-classification",
+            "task": self.compressor.task,
             "package_version": __version__,
             "dataset": {"calibration_samples": self.n_calibration_examples},
             "metric_name": metric_name,

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 from torch import nn
-from transformers import AutoModelForSequenceClassification
 
 from .configuration import CONFIG_NAME
 from .report import REPORT_NAME
@@ -98,8 +97,6 @@ def save_compressed_model(
             atomic_write_json(tmp / REPORT_NAME, report)
 
 
-def load_checkpoint(path: Path) -> nn.Module:
-    """Load a stage checkpoint (either format) with the Auto classes."""
-    import optimum_rmtkd.modeling  # noqa: F401  (registers the per-layer model types)
-
-    return AutoModelForSequenceClassification.from_pretrained(path)
+def load_checkpoint(path: Path, auto_model) -> nn.Module:
+    """Load a stage checkpoint (either format) with the task's Auto class (per-layer types are registered)."""
+    return auto_model.from_pretrained(path)
