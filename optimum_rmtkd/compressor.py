@@ -37,7 +37,7 @@ from .data import DatasetLike, calibration_subset, check_columns, label_mapping,
 from .distillation import evaluate_model, train
 from .report import REPORT_NAME, SiteReport, build_site_report, save_spectrum_plots
 from .rmt import fit_spectrum, round_width
-from .saving import load_checkpoint, save_compressed_model
+from .saving import load_checkpoint, save_compressed_model, weights_size
 from .tasks import get_task
 from .utils.io import atomic_write_json
 from .version import __version__
@@ -181,7 +181,14 @@ class RMTKDCompressor:
         accelerator = Accelerator(
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
         )
-        run = _Run(self, config, accelerator, save_directory, train_tok, eval_tok, calib_tok, test_tok, metric)
+        dataset_info = {
+            "name": _dataset_name(train_dataset, train_ds),
+            "text_column": text_column if self.spec.input_column == "text" else None,
+            "image_column": image_column if self.spec.input_column == "image" else None,
+            "label_column": label_column,
+        }
+        run = _Run(self, config, accelerator, save_directory, train_tok, eval_tok, calib_tok, test_tok, metric,
+                   dataset_info)
         return run.execute(resume=resume)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -208,11 +215,18 @@ class RMTKDCompressor:
             )
 
 
+def _dataset_name(source, dataset: datasets.Dataset) -> Optional[str]:
+    """A Hub-style name for the report: the id or path the user gave, else the Dataset's own recorded name."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return getattr(dataset.info, "dataset_name", None) or None
+
+
 class _Run:
     """One compression run: owns the working model, the checkpoints and the report being built."""
 
     def __init__(self, compressor, config, accelerator, save_directory, train_tok, eval_tok, calib_tok, test_tok,
-                 metric):
+                 metric, dataset_info):
         self.compressor = compressor
         self.adapter = compressor.adapter
         self.config = config
@@ -220,6 +234,7 @@ class _Run:
         self.save_directory = save_directory
         self.checkpoints = Path(f"{save_directory}.checkpoints")
         self.metric = metric
+        self.dataset_info = dataset_info
         collator = compressor.spec.collator(compressor.preprocessor)
         self.train_loader = DataLoader(
             train_tok.with_format("torch"), batch_size=config.batch_size, shuffle=True, collate_fn=collator,
@@ -251,13 +266,13 @@ class _Run:
         sites = self.adapter.sites(model)
         stages: List[List[str]] = []
         for kind in self.config.sites:
-            names = [s.name for s in sites if s.kind == kind]
-            if not names:
+            kind_sites = [s for s in sites if s.kind == kind]
+            if not kind_sites:
                 continue
             if self.config.output_format == "per-layer" and kind != "hidden":
-                stages.extend([name] for name in names)
+                stages.extend([s.name] for s in kind_sites)
             else:
-                stages.append(names)
+                stages.extend([s.name for s in group] for group in self.adapter.stock_groups(model, kind_sites))
         if not stages:
             raise ValueError(
                 f"`sites={list(self.config.sites)}` selects no site of {type(model).__name__}; its site kinds are "
@@ -281,12 +296,10 @@ class _Run:
             )
             widths[site.name] = width
             reports[site.name] = build_site_report(site, fit, width, eig.eigenvalues.cpu().numpy())
-        if config.output_format == "stock" and len(sites) > 1:
-            # One config field holds every layer's width: take the widest so no layer loses a kept direction.
-            uniform = max(widths.values())
-            widths = {name: uniform for name in widths}
-            for name in reports:
-                reports[name].kept_width = uniform
+        # The saved format may tie widths together (the stock format: one config field for every layer).
+        widths = self.adapter.expressible_widths(model, sites, widths, config.output_format)
+        for name, report in reports.items():
+            report.kept_width = widths[name]
         return widths, reports
 
     # --- checkpoints -------------------------------------------------------------------------------------------
@@ -397,7 +410,7 @@ class _Run:
         cut = [s for s in sites if s.name in worth_it]
 
         teacher = copy.deepcopy(model).eval()  # the checkpoint before this reduction
-        self.adapter.reduce(model, cut, worth_it, stats, config)
+        model = self.adapter.reduce(model, cut, worth_it, stats, config)
         del stats
         record["metric_before_distillation"] = self.evaluate(model)
         model = train(model, self.train_loader, self.accelerator, config, teacher=teacher,
@@ -449,16 +462,19 @@ class _Run:
             "base_model": self.compressor.source,
             "task": self.compressor.task,
             "package_version": __version__,
-            "dataset": {"calibration_samples": self.n_calibration_examples},
+            "dataset": dict(self.dataset_info, calibration_samples=self.n_calibration_examples),
             "metric_name": metric_name,
             "metrics": {
                 "original": state["baseline_test_metric"] if test_metric is not None else state["baseline_metric"],
                 "compressed": test_metric if test_metric is not None else final_metric,
+                "teacher_distilled": None,
                 "original_validation": state["baseline_metric"],
                 "compressed_validation": final_metric,
                 "evaluated_on": "test" if test_metric is not None else "validation",
             },
             "parameters": {"original": original, "compressed": compressed, "reduction": 1 - compressed / original},
+            # The compressed size is measured on the saved files by `save_compressed_model`.
+            "size_bytes": {"original": weights_size(self.compressor.source), "compressed": None},
             "calibration_peak_rss_mb": state["calibration_peak_rss_mb"],
             "sites": kept,
             "stages": state["stages"],

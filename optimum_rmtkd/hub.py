@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
@@ -31,13 +31,15 @@ CARD_TAGS = ["rmt-kd", "optimum-rmtkd", "compressed", "knowledge-distillation"]
 DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "rmtkd_model_card_template.md"
 # Temporary files of `optimum_rmtkd.utils.io` (`.{name}.{random}.tmp`) must never reach the Hub.
 TEMP_FILE_PATTERNS = [".*.tmp", "*/.*.tmp"]
-WEIGHT_FILES = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
+WEIGHT_FILES = [
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+]
 
 _REPORT_KEYS = [
     "base_model", "task", "package_version", "dataset", "metric_name", "metrics", "parameters", "size_bytes",
     "sites", "stages", "output_format", "stop_reason",
 ]
-# task -> (pipeline tag, auto class, human name, files that mean a preprocessor was saved, its auto class)
+# task (also the pipeline tag) -> (auto class, task name, files that mean a preprocessor was saved, its auto class)
 _TASKS = {
     "text-classification": (
         "AutoModelForSequenceClassification", "Text Classification", ("tokenizer.json", "tokenizer_config.json"),
@@ -119,7 +121,7 @@ def build_model_card(
                 f"The base model {base_source!r} is a local path, so the card has no `base_model` metadata; pass "
                 "`base_model=` with its Hub id to link the model tree."
             )
-    dataset_source = report["dataset"]["name"]
+    dataset_source = report["dataset"].get("name")
     if datasets is None:
         datasets = [dataset_source] if dataset_source is not None and _is_hub_id(dataset_source) else None
     elif isinstance(datasets, str):
@@ -130,7 +132,7 @@ def build_model_card(
     eval_results = []
     if datasets:
         for key, label in (("compressed", "compressed model"), ("original", "original model, before compression")):
-            if metrics[key] is not None:
+            if metrics.get(key) is not None:
                 eval_results.append(
                     EvalResult(
                         task_type=task,
@@ -173,18 +175,30 @@ def build_model_card(
         "model_type": model_type,
         "output_format": report["output_format"],
         "stop_reason": report["stop_reason"],
-        "dataset_ref": _dataset_ref(datasets, dataset),
+        "dataset_ref": _dataset_ref(datasets, dataset_source),
+        "dataset_columns": ", ".join(
+            f"{role} column `{dataset[key]}`"
+            for role, key in (("text", "text_column"), ("label", "label_column"))
+            if dataset.get(key)
+        ),
         "calibration_samples": dataset.get("calibration_samples"),
         "metric_name": metric_name,
+        "has_teacher_metric": metrics.get("teacher_distilled") is not None,
         "metric_rows": [
-            {"label": f"Original ({_model_ref(base_model, base_source)})", "value": _fmt_metric(metrics["original"])},
-            {"label": "Teacher distilled for the same schedule", "value": _fmt_metric(metrics["teacher_distilled"])},
-            {"label": "**Compressed (this model)**", "value": f"**{_fmt_metric(metrics['compressed'])}**"},
+            {
+                "label": f"Original ({_model_ref(base_model, base_source)})",
+                "value": _fmt_metric(metrics.get("original")),
+            },
+            {
+                "label": "Teacher distilled for the same schedule",
+                "value": _fmt_metric(metrics.get("teacher_distilled")),
+            },
+            {"label": "**Compressed (this model)**", "value": f"**{_fmt_metric(metrics.get('compressed'))}**"},
         ],
         "params_original": f"{report['parameters']['original']:,}",
         "params_compressed": f"{report['parameters']['compressed']:,}",
         "reduction_pct": f"{100 * report['parameters']['reduction']:.1f}%",
-        "size_original": _fmt_bytes(report["size_bytes"]["original"]),
+        "size_original": _fmt_bytes(report["size_bytes"].get("original")),
         "size_compressed": _fmt_bytes(report["size_bytes"]["compressed"]),
         "sites": [_site_row(site) for site in report["sites"]],
         "stages": [
@@ -258,6 +272,8 @@ def push_to_hub(
     revision: Optional[str] = None,
     create_pr: bool = False,
     include_onnx: bool = True,
+    base_model: Optional[str] = None,
+    datasets: Optional[Union[str, list[str]]] = None,
 ) -> str:
     """Upload an RMT-KD output folder to a Hub model repository, with its model card.
 
@@ -286,6 +302,11 @@ def push_to_hub(
             Open a pull request against `main` instead of pushing to it.
         include_onnx (`bool`, *optional*, defaults to `True`):
             Upload the `onnx/` export when the folder has one.
+        base_model (`str`, *optional*):
+            Hub id of the uncompressed model for the card metadata, as in `build_model_card`; needed when the report
+            names a local path.
+        datasets (`str` or `list[str]`, *optional*):
+            Hub ids of the data for the card metadata, as in `build_model_card`.
 
     Returns:
         `str`: the URL of the commit, or of the pull request when `create_pr=True`.
@@ -316,7 +337,8 @@ def push_to_hub(
             f"`revision` must be None with `create_pr=True` (pull requests open against `main`), got {revision!r}."
         )
     # Build the card before any network call, so a malformed report fails here and not after creating a repository.
-    card = build_model_card(model_dir, repo_id=repo_id, include_onnx=include_onnx)
+    card_kwargs = {"base_model": base_model, "datasets": datasets, "include_onnx": include_onnx}
+    card = build_model_card(model_dir, repo_id=repo_id, **card_kwargs)
     report = _load_report(model_dir)
     if commit_message is None:
         commit_message = (
@@ -325,36 +347,31 @@ def push_to_hub(
         )
     ignore_patterns = list(TEMP_FILE_PATTERNS) + ([] if include_onnx else ["onnx/*"])
 
-    api = HfApi(endpoint=endpoint, token=token)
-    stage = f"creating the repository {repo_id!r}"
-    try:
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if repo_url.repo_id != repo_id:
-            # A name without namespace was created under the token's user: the card must name the real repository.
-            repo_id = repo_url.repo_id
-            card = build_model_card(model_dir, repo_id=repo_id, include_onnx=include_onnx)
-        _refresh_card(model_dir, card)
-        if revision is not None and not revision.startswith("refs/pr/"):
-            stage = f"creating the branch {revision!r}"
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        stage = "uploading the files"
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=model_dir,
-            repo_type="model",
-            commit_message=commit_message,
-            revision=revision,
-            create_pr=create_pr,
-            ignore_patterns=ignore_patterns,
+    api = HfApi(endpoint=endpoint.rstrip("/") if endpoint else None, token=token)
+    repo_url = _call_hub(
+        api.create_repo, f"creating the repository {repo_id!r}", api.endpoint, repo_id,
+        repo_id=repo_id, private=private, exist_ok=True, repo_type="model",
+    )
+    if repo_url.repo_id != repo_id:
+        # A name without namespace was created under the token's user: the card must name the real repository.
+        repo_id = repo_url.repo_id
+        card = build_model_card(model_dir, repo_id=repo_id, **card_kwargs)
+    _refresh_card(model_dir, card)
+    if revision is not None and not revision.startswith("refs/pr/"):
+        _call_hub(
+            api.create_branch, f"creating the branch {revision!r}", api.endpoint, repo_id,
+            repo_id=repo_id, branch=revision, exist_ok=True, repo_type="model",
         )
-    except HfHubHTTPError as err:
-        raise RMTKDHubError(_push_error_message(err, stage, api.endpoint, repo_id)) from err
-    except (ValueError, TypeError):
-        # Raised by huggingface_hub before any upload (invalid README.md metadata, bad arguments): already clear.
-        raise
-    except Exception as err:
-        # Transport errors (refused connection, timeout, TLS) come from the HTTP client huggingface_hub uses.
-        raise RMTKDHubError(_push_error_message(err, stage, api.endpoint, repo_id)) from err
+    commit = _call_hub(
+        api.upload_folder, "uploading the files", api.endpoint, repo_id,
+        repo_id=repo_id,
+        folder_path=model_dir,
+        repo_type="model",
+        commit_message=commit_message,
+        revision=revision,
+        create_pr=create_pr,
+        ignore_patterns=ignore_patterns,
+    )
     url = commit.pr_url if create_pr and commit.pr_url else commit.commit_url
     logger.info(f"Pushed {model_dir} to {repo_id} on {api.endpoint}: {url}")
     return url
@@ -371,7 +388,8 @@ def _load_report(model_dir: Path) -> dict[str, Any]:
     missing = [key for key in _REPORT_KEYS if key not in report]
     if missing:
         raise ValueError(
-            f"{REPORT_NAME} in {str(model_dir)!r} lacks the keys {missing}; rewrite it with the installed optimum-rmtkd."
+            f"{REPORT_NAME} in {str(model_dir)!r} lacks the keys {missing}; write it again with the installed "
+            "optimum-rmtkd."
         )
     return report
 
@@ -388,6 +406,20 @@ def _refresh_card(model_dir: Path, card: ModelCard) -> None:
             )
             return
     atomic_write_text(path, str(card))
+
+
+def _call_hub(method: Callable[..., Any], stage: str, endpoint: str, repo: str, /, **kwargs: Any) -> Any:
+    """Run one `HfApi` call and turn its HTTP or transport failure into an `RMTKDHubError` that says what to do."""
+    try:
+        return method(**kwargs)
+    except HfHubHTTPError as err:
+        raise RMTKDHubError(_push_error_message(err, stage, endpoint, repo)) from err
+    except (ValueError, TypeError):
+        # Raised by huggingface_hub before any upload (invalid README.md metadata, bad arguments): already clear.
+        raise
+    except Exception as err:
+        # Transport errors (refused connection, timeout, TLS) come from the HTTP client huggingface_hub uses.
+        raise RMTKDHubError(_push_error_message(err, stage, endpoint, repo)) from err
 
 
 def _push_error_message(err: Exception, stage: str, endpoint: str, repo_id: str) -> str:
@@ -430,16 +462,12 @@ def _model_ref(base_model: Optional[str], base_source: str) -> str:
     return f"a local model (`{Path(base_source).name}`)"
 
 
-def _dataset_ref(datasets: Optional[list[str]], dataset: dict[str, Any]) -> str:
+def _dataset_ref(datasets: Optional[list[str]], name: Optional[str]) -> str:
     if datasets:
-        ref = ", ".join(f"[{name}](https://huggingface.co/datasets/{name})" for name in datasets)
-    elif dataset["name"] is not None:
-        ref = f"a local dataset (`{Path(dataset['name']).name}`)"
-    else:
-        ref = "the data given to the compressor"
-    columns = [f"{role} column `{dataset[key]}`" for role, key in (("text", "text_column"), ("label", "label_column"))
-               if dataset.get(key)]
-    return f"{ref} ({', '.join(columns)})" if columns else ref
+        return ", ".join(f"[{dataset}](https://huggingface.co/datasets/{dataset})" for dataset in datasets)
+    if name is not None:
+        return f"a local dataset (`{Path(name).name}`)"
+    return "the data given to the compressor"
 
 
 def _existing_plots(model_dir: Path, sites: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -487,9 +515,13 @@ def _fmt_bytes(size: Optional[int]) -> str:
 
 
 def _demote_headings(markdown: str, levels: int) -> str:
-    """Push ATX headings down `levels` levels (outside code fences), so an embedded file nests under our section."""
+    """Nest an embedded Markdown file under our section: drop its title (a leading `# ` heading, which would repeat
+    the section's) and push the other ATX headings outside code fences down `levels` levels."""
+    body = markdown.strip().splitlines()
+    if body and re.match(r"#\s", body[0]):
+        body = body[1:]
     lines, in_fence = [], False
-    for line in markdown.strip().splitlines():
+    for line in "\n".join(body).strip().splitlines():
         if line.lstrip().startswith(("```", "~~~")):
             in_fence = not in_fence
         elif not in_fence and (heading := re.match(r"(#{1,6})\s", line)):

@@ -20,6 +20,14 @@ from optimum_rmtkd.modeling import per_layer_classes_for
 '''
 
 
+def weights_size(folder) -> Optional[int]:
+    """Bytes of the weight files (safetensors or PyTorch bins) in a local model folder; `None` when not local."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    files = [*Path(folder).glob("*.safetensors"), *Path(folder).glob("pytorch_model*.bin")]
+    return sum(f.stat().st_size for f in files) if files else None
+
+
 def check_stock_shapes(config) -> None:
     """The stock architecture only checks `hidden % heads` when built: check it before anything is written."""
     hidden = getattr(config, "hidden_size", getattr(config, "dim", None))
@@ -50,6 +58,7 @@ def _rmtkd_block(report: Dict[str, Any]) -> Dict[str, Any]:
 def _write_per_layer_config(folder: Path) -> None:
     """Turn the saved stock config into the registered `rmtkd_<base>` type with an `auto_map` for remote code."""
     from .modeling import per_layer_classes_for
+    from .modeling.per_layer import per_layer_auto_class_for
 
     config_path = folder / "config.json"
     data = json.loads(config_path.read_text())
@@ -60,7 +69,7 @@ def _write_per_layer_config(folder: Path) -> None:
     data["allow_global_per_layer_attribute_access"] = True
     data["auto_map"] = {
         "AutoConfig": f"{MODELING_FILE[:-3]}.{config_cls.__name__}",
-        "AutoModelForSequenceClassification": f"{MODELING_FILE[:-3]}.{model_cls.__name__}",
+        per_layer_auto_class_for(base_type).__name__: f"{MODELING_FILE[:-3]}.{model_cls.__name__}",
     }
     atomic_write_json(config_path, data)
     (folder / MODELING_FILE).write_text(
@@ -94,6 +103,7 @@ def save_compressed_model(
         if plots is not None:
             plots(tmp)
         if report is not None:
+            report.setdefault("size_bytes", {})["compressed"] = weights_size(tmp)
             atomic_write_json(tmp / REPORT_NAME, report)
 
 

@@ -84,6 +84,29 @@ class Adapter(ABC):
         """A divisor the site's width must keep (attention heads for a transformer's hidden width), else `None`."""
         return None
 
+    def stock_groups(self, model: nn.Module, sites: Sequence[Site]) -> List[List[Site]]:
+        """Split one kind's sites into the groups the stock format cuts together, one compressor stage each.
+
+        The default is a single group: a transformer keeps each kind's width in one config field shared by every
+        layer. An architecture whose config holds one width per group of layers (ResNet's `hidden_sizes`, one per
+        stage) returns a group per field, so each is cut and distilled in its own stage.
+        """
+        return [list(sites)]
+
+    def expressible_widths(
+        self, model: nn.Module, sites: Sequence[Site], widths: Dict[str, int], output_format: str
+    ) -> Dict[str, int]:
+        """The widths to cut `sites` to, from the width each site's spectrum asks for (`widths`), such that the saved
+        format can hold them; never narrower than asked, so no site loses a kept direction.
+
+        The default: the stock format stores one width for every layer in one config field, so all sites take the
+        widest; the per-layer format stores any width.
+        """
+        if output_format == "stock":
+            uniform = max(widths.values())
+            return {name: uniform for name in widths}
+        return dict(widths)
+
     @abstractmethod
     def reduce(
         self,
@@ -92,8 +115,11 @@ class Adapter(ABC):
         widths: Dict[str, int],
         stats: Dict[str, "SecondMomentAccumulator"],
         config: "RMTKDConfig",
-    ) -> None:
-        """Cut every site in `sites` to `widths[site.name]` in place and update `model.config` to match."""
+    ) -> nn.Module:
+        """Cut every site in `sites` to `widths[site.name]`, update `model.config`, and return the model.
+
+        The returned model may be a new object (rebuilt from the updated config) when modules cache sizes derived
+        from the config, e.g. an attention module's head size; always use the return value."""
 
     @abstractmethod
     def resize_per_layer(self, model: nn.Module) -> None:

@@ -154,6 +154,11 @@ class TransformerEncoderAdapter(Adapter):
         ffn_sites = [s for s in sites if s.kind == "ffn"]
         if ffn_sites:
             self._record_ffn_widths(model, {s.layer: widths[s.name] for s in ffn_sites}, config.output_format)
+        if any(s.kind == "hidden" for s in sites):
+            # Attention modules cache the head size and score scale of the old width: rebuild from the new config
+            # so the in-memory model is exactly what `from_pretrained` will build from the saved folder.
+            model = rebuild_from_config(model)
+        return model
 
     def _refit_and_slice_reader(self, model, path, keep, sigma, ridge) -> None:
         reader = model.get_submodule(path)
@@ -270,6 +275,18 @@ class TransformerEncoderAdapter(Adapter):
             keep = torch.arange(width)
             set_submodule(model, writer_path, slice_linear_outputs(model.get_submodule(writer_path), keep))
             set_submodule(model, reader_path, slice_linear_inputs(model.get_submodule(reader_path), keep))
+
+
+def rebuild_from_config(model: nn.Module) -> nn.Module:
+    """A fresh model of the same class built from `model.config`, carrying over every weight (same device/dtype)."""
+    from ..modeling import per_layer_classes_for
+
+    model_cls = per_layer_classes_for(model.config.model_type)[1] if per_layer_widths(model.config) else type(model)
+    reference = next(model.parameters())
+    rebuilt = model_cls(model.config).to(device=reference.device, dtype=reference.dtype)
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.train(model.training)
+    return rebuilt
 
 
 def per_layer_widths(config) -> Dict[int, Dict[str, int]]:

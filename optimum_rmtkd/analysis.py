@@ -1,0 +1,224 @@
+"""Spectral analysis without compression: what each estimator would keep at every site of a model.
+
+The estimators disagree widely on real activation spectra (DESIGN §1: on MiniLM the paper's rule kept about 10% of
+each width, the debiased median about 40%), so a user should see all of them on their own model and data before
+running `compress`. `analyze_model` runs the same calibration pass as `RMTKDCompressor.compress` (same calibration
+subset, sample unit and statistics) and fits every estimator on each site's spectrum; the model is left untouched.
+
+Example:
+
+```python
+>>> from transformers import AutoModelForSequenceClassification, AutoTokenizer
+>>> from optimum_rmtkd.analysis import analyze_model
+>>> model = AutoModelForSequenceClassification.from_pretrained("path/to/fine-tuned-bert")
+>>> tokenizer = AutoTokenizer.from_pretrained("path/to/fine-tuned-bert")
+>>> analysis = analyze_model(model, tokenizer, "text-classification", "train.csv")
+>>> print(analysis.to_table())
+>>> analysis.save("bert-analysis")  # analysis.json and spectra/*.png
+```
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers.utils import logging
+
+from .adapters import get_adapter
+from .calibration import collect_statistics
+from .configuration import RMTKDConfig
+from .covariance import SecondMomentAccumulator
+from .data import DatasetLike, calibration_subset, check_columns, load_split
+from .report import SiteReport, build_site_report, save_spectrum_plots
+from .rmt import ESTIMATORS, fit_spectrum, round_width
+from .tasks import get_task
+from .utils.import_utils import is_matplotlib_available
+from .utils.io import atomic_directory, atomic_write_json
+from .version import __version__
+
+logger = logging.get_logger(__name__)
+
+ANALYSIS_NAME = "analysis.json"
+
+
+@dataclass
+class RMTKDAnalysis:
+    """Every site's spectrum fitted by every estimator, and the widths each would keep.
+
+    Attributes:
+        model_type (`str`): `config.model_type` of the analysed model.
+        sites (`list[SiteReport]`): one report per site; `estimator`, `sigma2`, `edge`, `ks_distance` and
+            `heavy_tailed` are those of `config.estimator`, `ranks_by_estimator` holds every estimator's rank.
+        widths_by_estimator (`dict[str, dict[str, int]]`): site → estimator → kept width after rounding
+            (`width_multiple`, `min_width`, attention heads), i.e. the per-layer widths `compress` would use.
+        stock_widths (`dict[str, dict[str, int]]`): site kind → estimator → the one width the stock format would
+            give every site of that kind (the widest of them, so no layer loses a kept direction).
+        n_examples (`int`): calibration examples the statistics came from.
+        config (`RMTKDConfig`): the settings used.
+        source (`str`, *optional*): where the model came from, if known.
+    """
+
+    model_type: str
+    sites: List[SiteReport]
+    widths_by_estimator: Dict[str, Dict[str, int]]
+    stock_widths: Dict[str, Dict[str, int]]
+    n_examples: int
+    config: RMTKDConfig
+    source: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "source": self.source,
+            "model_type": self.model_type,
+            "package_version": __version__,
+            "calibration_examples": self.n_examples,
+            "estimator": self.config.estimator,
+            "config": self.config.to_dict(),
+            "stock_widths": self.stock_widths,
+            "sites": [
+                dict(site.to_dict(), widths_by_estimator=self.widths_by_estimator[site.name]) for site in self.sites
+            ],
+        }
+
+    def to_table(self) -> str:
+        """A plain-text table: one row per site with d, n, q, σ², λ₊ (of `config.estimator`), the kept width of
+        every estimator (the configured one starred), the KS distance and the heavy-tail flag."""
+        chosen = self.config.estimator
+        header = ["site", "d", "n", "q", "σ²", "λ₊"]
+        header += [f"{name}*" if name == chosen else name for name in ESTIMATORS]
+        header += ["KS", "heavy-tailed"]
+        rows = []
+        for site in self.sites:
+            widths = self.widths_by_estimator[site.name]
+            rows.append(
+                [site.name, str(site.original_width), str(site.n_samples), f"{site.q:.3g}", f"{site.sigma2:.3g}",
+                 f"{site.edge:.3g}"]
+                + [str(widths[name]) for name in ESTIMATORS]
+                + [f"{site.ks_distance:.3f}", "yes" if site.heavy_tailed else "no"]
+            )
+        for kind, widths in self.stock_widths.items():
+            rows.append([f"stock width ({kind})", "", "", "", "", ""] + [str(widths[name]) for name in ESTIMATORS]
+                        + ["", ""])
+        note = (
+            f"* = the configured estimator ({chosen}); σ², λ₊ and KS are its values. Widths are rounded up to a "
+            f"multiple of {self.config.width_multiple} (and of the attention heads for the hidden width)."
+        )
+        return format_table(header, rows) + "\n" + note
+
+    def save(self, output_dir: Union[str, os.PathLike], overwrite: bool = False, plots: bool = True) -> Path:
+        """Write `analysis.json` and, with matplotlib and `plots=True`, `spectra/<site>.png` into `output_dir`.
+
+        The folder is written atomically; a non-empty `output_dir` is an error unless `overwrite=True`.
+        """
+        data = self.to_dict()
+        with atomic_directory(output_dir, overwrite=overwrite) as folder:
+            if plots and is_matplotlib_available():
+                save_spectrum_plots({site["name"]: site for site in data["sites"]}, folder, data)
+            elif plots:
+                logger.warning("matplotlib is not installed: no spectrum plots (`pip install optimum-rmtkd[plots]`).")
+            atomic_write_json(folder / ANALYSIS_NAME, data)
+        return Path(output_dir) / ANALYSIS_NAME
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Plain-text table: a rule under the header, the first column left-aligned and the others right-aligned."""
+    cells = [[str(cell) for cell in header]] + [[str(cell) for cell in row] for row in rows]
+    sizes = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(size) if i == 0 else cell.rjust(size) for i, (cell, size) in enumerate(zip(row, sizes)))
+        .rstrip()
+        for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * size for size in sizes))
+    return "\n".join(lines)
+
+
+def analyze_model(
+    model: nn.Module,
+    preprocessor: Any,
+    task: str,
+    dataset: DatasetLike,
+    config: Optional[RMTKDConfig] = None,
+    *,
+    text_column: str = "text",
+    text_pair_column: Optional[str] = None,
+    image_column: str = "image",
+    source: Optional[str] = None,
+) -> RMTKDAnalysis:
+    """Calibrate `model` on `dataset` and fit every estimator to the spectrum of each site; `model` is not changed.
+
+    Args:
+        model (`transformers.PreTrainedModel`): a model an adapter supports (see `optimum_rmtkd.adapters`).
+        preprocessor: its tokenizer (or image processor).
+        task (`str`): the task, see `optimum_rmtkd.tasks`.
+        dataset: a `datasets.Dataset`, a local csv/json/parquet file or a dataset id (its `train` split). As in
+            `compress`, a `config.calibration_fraction` share of it, at most `config.max_calibration_examples`
+            examples, is used, so n (hence q and the bulk edge) is what `compress` would see on the same split.
+        config (`RMTKDConfig`, *optional*): `sites`, the estimator and its parameters, `sample_unit`, `centered`,
+            `max_length`, `batch_size`, widths rounding and `seed` are read from it.
+        text_column / text_pair_column / image_column: the dataset's input column names; labels are not needed.
+        source (`str`, *optional*): the model's path or Hub id, recorded in the result.
+
+    Returns:
+        `RMTKDAnalysis`.
+    """
+    config = config or RMTKDConfig()
+    spec = get_task(task)
+    adapter = get_adapter(model)
+    sites = [site for site in adapter.sites(model) if site.kind in config.sites]
+    if not sites:
+        raise ValueError(
+            f"`sites={list(config.sites)}` selects no site of {type(model).__name__}; its site kinds are "
+            f"{', '.join(sorted({site.kind for site in adapter.sites(model)}))}."
+        )
+    columns = {"text": text_column, "text_pair": text_pair_column, "image": image_column, "label": None}
+    data = load_split(dataset, "train")
+    check_columns(data, [columns[spec.input_column], text_pair_column], "dataset")
+    # The same seeded subset `compress` draws (it shuffles the tokenised split, which has the same rows and order).
+    subset = calibration_subset(data, config.calibration_fraction, config.max_calibration_examples, config.seed)
+    inputs = spec.preprocess(subset, preprocessor, columns, config.max_length, None, "dataset")
+    loader = DataLoader(inputs.with_format("torch"), batch_size=config.batch_size,
+                        collate_fn=spec.collator(preprocessor))
+    # Only the spectra are needed: the refit statistics (`extra_captures`) that `reduce` would use are skipped.
+    points = list({point.key: point for site in sites for point in site.captures}.values())
+    stats = collect_statistics(model, loader, points, sample_unit=config.sample_unit)
+
+    reports: List[SiteReport] = []
+    widths: Dict[str, Dict[str, int]] = {}
+    fit_kwargs = config.estimator_kwargs()
+    for site in sites:
+        pooled = SecondMomentAccumulator(site.dim, device=stats[site.captures[0].key].sum.device)
+        for point in site.captures:
+            pooled.merge(stats[point.key])
+        eigenvalues = pooled.eigh(centered=config.centered).eigenvalues.cpu().numpy()
+        fit = fit_spectrum(eigenvalues, pooled.n_samples, **fit_kwargs)
+        report = build_site_report(site, fit, 0, eigenvalues)
+        num_heads = adapter.heads_constraint(model, site)
+        widths[site.name] = {
+            name: round_width(min(max(rank, config.min_width), site.dim), site.dim, config.width_multiple,
+                              num_heads=num_heads)
+            for name, rank in report.ranks_by_estimator.items()
+        }
+        report.kept_width = widths[site.name][config.estimator]
+        reports.append(report)
+
+    stock: Dict[str, Dict[str, int]] = {}
+    for kind in config.sites:
+        of_kind = [site.name for site in sites if site.kind == kind]
+        if of_kind:
+            stock[kind] = {name: max(widths[site][name] for site in of_kind) for name in ESTIMATORS}
+    heavy = [report.name for report in reports if report.heavy_tailed]
+    if heavy:
+        logger.warning(
+            "%d of %d sites have a heavy-tailed bulk under `%s` (KS above the limit): the Marchenko-Pastur null is a "
+            "weak model there, so compare the estimators' widths before choosing one.", len(heavy), len(reports),
+            config.estimator,
+        )
+    return RMTKDAnalysis(
+        model_type=model.config.model_type, sites=reports, widths_by_estimator=widths, stock_widths=stock,
+        n_examples=len(subset), config=config, source=source,
+    )

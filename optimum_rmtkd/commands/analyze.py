@@ -1,0 +1,83 @@
+"""`rmtkd analyze`: every estimator's kept width at every site of a model, without changing the model."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .base import (
+    ANALYSIS_FIELDS,
+    CommandInfo,
+    RMTKDBaseCommand,
+    add_common_arguments,
+    add_config_arguments,
+    add_dataset_column_arguments,
+    add_model_argument,
+    check_dataset_source,
+    check_output_folder,
+    config_from_args,
+    describe,
+    model_from_args,
+    model_load_error,
+)
+
+EXAMPLES = """examples:
+  rmtkd analyze ./minilm-sst2 --dataset train.csv
+  rmtkd analyze -m ./minilm-sst2 --dataset train.csv --sample-unit cls --output minilm-spectra
+"""
+
+
+class AnalyzeCommand(RMTKDBaseCommand):
+    COMMAND = CommandInfo(name="analyze", help="Show the spectrum of every site and what each estimator would keep.")
+
+    @staticmethod
+    def parse_args(parser: argparse.ArgumentParser) -> None:
+        describe(
+            parser,
+            "Run the calibration pass of `compress` (same subset, same statistics) and fit all five estimators to "
+            "each site's spectrum. Prints one row per site: width d, samples n, q = d/n, the configured estimator's "
+            "σ² and bulk edge λ₊, the width each estimator would keep, the KS distance of the bulk to the fitted "
+            "Marchenko-Pastur law, and whether the bulk is heavy-tailed. The model is not modified.",
+            EXAMPLES,
+        )
+        add_model_argument(parser)
+        parser.add_argument("--dataset", required=True,
+                            help="Data to calibrate on (a local csv/tsv/json/jsonl/parquet file, a folder or a Hub "
+                                 "id); its --calibration-fraction is used, as in compress.")
+        parser.add_argument("-o", "--output", default=None,
+                            help="Folder for analysis.json and spectra/*.png (default: print the table only).")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="Replace a non-empty --output folder (default: off).")
+        parser.add_argument("--no-plots", action="store_true",
+                            help="Write analysis.json without the spectrum plots (default: plots on).")
+        add_dataset_column_arguments(parser, labels=False)
+        add_config_arguments(parser, ANALYSIS_FIELDS)
+        add_common_arguments(parser)
+
+    def execute(self) -> None:
+        args = self.args
+        model_id = model_from_args(args)
+        check_dataset_source(args.dataset, "--dataset")
+        if args.output is not None:
+            check_output_folder(args.output, args.overwrite)
+        config = config_from_args(args, ANALYSIS_FIELDS)
+
+        from ..analysis import analyze_model
+        from ..tasks import get_task
+
+        spec = get_task(args.task)
+        try:
+            model = spec.auto_model.from_pretrained(model_id)
+            preprocessor = spec.load_preprocessor(model_id)
+        except OSError as error:
+            raise model_load_error(model_id, error) from error
+        if not args.debug:
+            # The table flags heavy-tailed sites and the analysis logs one summary; one warning per fit is noise.
+            logging.getLogger("optimum_rmtkd.rmt").setLevel(logging.ERROR)
+        analysis = analyze_model(
+            model, preprocessor, args.task, args.dataset, config, text_column=args.text_column,
+            text_pair_column=args.text_pair_column, image_column=args.image_column, source=model_id,
+        )
+        print(analysis.to_table())
+        if args.output is not None:
+            path = analysis.save(args.output, overwrite=args.overwrite, plots=not args.no_plots)
+            print(f"Wrote {path}")

@@ -1,0 +1,317 @@
+"""What every `rmtkd` verb shares: error handling, logging switches, dataset and `RMTKDConfig` flags.
+
+Nothing heavy is imported here (no torch, no model code), so building the parsers stays fast; each command imports
+what it needs inside `execute()`. The option sets below mirror those of `optimum_rmtkd.configuration` and
+`optimum_rmtkd.rmt`, which import scipy and transformers; `tests/test_cli.py` checks that they agree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
+
+from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+
+if TYPE_CHECKING:
+    from ..configuration import RMTKDConfig
+
+ESTIMATORS = ("paper", "mp-median", "gavish-donoho", "kritchman-nadler", "mppca")
+SAMPLE_UNITS = ("tokens", "cls", "mean")
+SITE_KINDS = ("hidden", "ffn", "channels")
+OUTPUT_FORMATS = ("stock", "per-layer")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+TASKS = ("text-classification",)
+DATASET_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+
+# Errors a user can fix from the message alone: shown as one line, without a traceback unless `--debug`.
+USER_ERRORS = (ValueError, TypeError, FileExistsError, OSError, ImportError, RuntimeError)
+
+
+class RMTKDBaseCommand(BaseOptimumCLICommand):
+    """A leaf `rmtkd` command: subclasses add their flags in `parse_args` and do their work in `execute`.
+
+    `run` is what both `optimum-cli rmtkd <verb>` and the `rmtkd <verb>` script call. optimum-cli neither catches
+    exceptions nor returns an exit code, so errors are turned into a message and `SystemExit(1)` here.
+    """
+
+    def run(self) -> None:
+        configure_logging(quiet=self.args.quiet, debug=self.args.debug)
+        try:
+            self.execute()
+        except KeyboardInterrupt:
+            if self.args.debug:
+                raise
+            print("error: interrupted.", file=sys.stderr)
+            raise SystemExit(130)
+        except USER_ERRORS as error:
+            if self.args.debug:
+                raise
+            # One line: transformers and datasets wrap lines in their messages.
+            message = " ".join(str(error).split()) or type(error).__name__
+            print(f"error: {message} (run with --debug to see the traceback)", file=sys.stderr)
+            raise SystemExit(1)
+
+    def execute(self) -> None:
+        raise NotImplementedError
+
+
+def describe(parser: argparse.ArgumentParser, description: str, epilog: Optional[str] = None) -> None:
+    """Give a parser a description and examples: optimum's `add_parser` only sets the one-line help.
+
+    The examples are printed as written (raw formatter), so the description is wrapped here.
+    """
+    parser.description = textwrap.fill(description, width=100)
+    parser.epilog = epilog
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output and errors")
+    group.add_argument(
+        "--quiet", action="store_true",
+        help="Only errors from transformers, datasets and optimum-rmtkd, and no progress bars (default: off).",
+    )
+    group.add_argument(
+        "--debug", action="store_true",
+        help="Debug logging, and show the Python traceback of an error (default: off).",
+    )
+
+
+def configure_logging(quiet: bool, debug: bool) -> None:
+    """Route optimum-rmtkd's log lines to stderr (INFO by default: the stages of a run) and quiet the libraries."""
+    import datasets
+    import huggingface_hub
+    from transformers.utils import logging as hf_logging
+
+    level = logging.ERROR if quiet else logging.DEBUG if debug else logging.INFO
+    package_logger = logging.getLogger("optimum_rmtkd")
+    package_logger.setLevel(level)
+    if not package_logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+        package_logger.addHandler(handler)
+        package_logger.propagate = False
+    if quiet:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
+        # tqdm >= 4.66 reads its defaults from TQDM_* variables: this silences the bars of plain `tqdm` calls that
+        # leave `disable` unset.
+        os.environ["TQDM_DISABLE"] = "1"
+    elif debug:
+        hf_logging.set_verbosity_debug()
+    else:
+        hf_logging.set_verbosity_warning()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models and datasets
+# --------------------------------------------------------------------------------------------------------------------
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """The model as a positional argument or `-m/--model` (optimum-cli's export uses the flag)."""
+    parser.add_argument("model", nargs="?", help="Hub id or local folder of the model (or use -m/--model).")
+    parser.add_argument("-m", "--model", dest="model_option", metavar="MODEL",
+                        help="Hub id or local folder of the model (same as the positional argument).")
+
+
+def model_from_args(args: argparse.Namespace) -> str:
+    if args.model and args.model_option and args.model != args.model_option:
+        raise ValueError(
+            f"The model was given twice, as {args.model!r} and `--model` {args.model_option!r}; pass only one."
+        )
+    model = args.model or args.model_option
+    if not model:
+        raise ValueError("No model given: pass a Hub id or a local folder, positionally or with `-m/--model`.")
+    check_model_source(model)
+    return model
+
+
+def check_model_source(model: str) -> None:
+    """Fail fast on a local path that is not a model folder, instead of a slow Hub lookup of a path-shaped id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"The model folder {model!r} has no config.json; pass a folder written by `save_pretrained` or a "
+                "Hub model id."
+            )
+        return
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise ValueError(
+            f"The model {model!r} was not found: there is no such local folder and it is not a Hub id "
+            "(`namespace/name`); pass the path of a folder written by `save_pretrained`."
+        ) from None
+
+
+def model_load_error(model: str, error: OSError) -> OSError:
+    """The error to show when loading `model` failed: a local folder's own error, or for a Hub id a message saying
+    it was found neither locally nor on the Hub (or its cache), with the fix."""
+    if Path(model).expanduser().exists():
+        return error
+    reason = " ".join(str(error.__cause__ or error).split())
+    return OSError(
+        f"Could not find the model {model!r} locally (no such folder) or on the Hub ({reason}); pass the path of a "
+        "local folder written by `save_pretrained`, or a Hub id this machine can reach or has cached."
+    )
+
+
+def check_dataset_source(source: Optional[str], flag: str) -> None:
+    """A local dataset file must exist: a missing `train.csv` would otherwise be looked up on the Hub as an id."""
+    if source is None:
+        return
+    path = Path(source).expanduser()
+    if path.suffix.lower() in DATASET_FILE_SUFFIXES and not path.is_file():
+        raise ValueError(
+            f"`{flag}` {source!r} does not exist; pass an existing csv/tsv/json/jsonl/parquet file, a dataset folder "
+            "or a Hub dataset id."
+        )
+
+
+def check_output_folder(folder: str, overwrite: bool, flag: str = "--output") -> None:
+    """Refuse a non-empty output folder before any work is done, unless `--overwrite`."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"`{flag}` {folder!r} is a file; pass a folder.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"`{flag}` {folder!r} exists and is not empty; choose another folder or pass --overwrite to replace it."
+        )
+
+
+def add_dataset_column_arguments(parser: argparse.ArgumentParser, labels: bool = True) -> None:
+    group = parser.add_argument_group("dataset columns")
+    group.add_argument("--text-column", default="text", help="Column with the input text (default: text).")
+    group.add_argument("--text-pair-column", default=None,
+                       help="Column with the second text of sentence-pair tasks (default: none).")
+    group.add_argument("--image-column", default="image", help="Column with the images (default: image).")
+    if labels:
+        group.add_argument("--label-column", default="label",
+                           help="Column with the class labels, ids or names (default: label).")
+    group.add_argument("--task", default="text-classification", choices=TASKS,
+                       help="The task, which picks the model class and preprocessing (default: text-classification).")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RMTKDConfig fields as flags
+# --------------------------------------------------------------------------------------------------------------------
+def _optional_float(text: str) -> Any:
+    """A float, or `none` to switch a rule off (kept as the string until the config is built)."""
+    return "none" if text.lower() == "none" else float(text)
+
+
+@dataclass(frozen=True)
+class ConfigFlag:
+    """One `RMTKDConfig` field as a command-line flag; `default` is the field's default, shown in `--help`."""
+
+    field: str
+    type: Optional[Callable[[str], Any]]
+    default: Any
+    help: str
+    choices: Optional[Tuple[str, ...]] = None
+    nargs: Optional[str] = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    def default_text(self) -> str:
+        if self.default is None:
+            return "none"
+        if isinstance(self.default, bool):
+            return "on" if self.default else "off"
+        if isinstance(self.default, tuple):
+            return " ".join(self.default)
+        return str(self.default)
+
+
+CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
+    ConfigFlag("estimator", str, "paper", "How σ² and the kept rank are estimated.", choices=ESTIMATORS),
+    ConfigFlag("quantile", float, 0.5, "τ, the eigenvalue quantile that starts the `paper` fit; higher cuts more."),
+    ConfigFlag("tw_alpha", float, 0.005, "Level of each Tracy-Widom test of `kritchman-nadler`."),
+    ConfigFlag("sigma2_scale", float, 1.0, "Multiplies the fitted σ²; above 1 cuts more."),
+    ConfigFlag("centered", None, False, "Use the covariance (centred) instead of the paper's uncentred second moment."),
+    ConfigFlag("sample_unit", str, "tokens", "What one sample is for text models: every token, [CLS], or the mean "
+               "over each sequence.", choices=SAMPLE_UNITS),
+    ConfigFlag("sites", str, ("hidden", "ffn"), "Kinds of site to reduce, in the order the stages run.",
+               choices=SITE_KINDS, nargs="+"),
+    ConfigFlag("calibration_fraction", float, 0.1, "Share of the training split used for the spectra."),
+    ConfigFlag("max_calibration_examples", int, 2048, "Cap on calibration examples."),
+    ConfigFlag("width_multiple", int, 8, "Kept widths are rounded up to a multiple of this."),
+    ConfigFlag("min_width", int, 8, "No site is reduced below this width."),
+    ConfigFlag("output_format", str, "stock", "`stock`: stock architecture, uniform widths, plain from_pretrained; "
+               "`per-layer`: each layer's own width in a registered rmtkd_<base> type.", choices=OUTPUT_FORMATS),
+    ConfigFlag("distillation_epochs", float, 1.0, "Self-distillation epochs after each reduction."),
+    ConfigFlag("max_distillation_steps", int, None, "Cap on optimizer steps per stage; none lets the epochs decide."),
+    ConfigFlag("learning_rate", float, 5e-5, "Learning rate of fine-tuning and distillation."),
+    ConfigFlag("batch_size", int, 32, "Batch size of calibration, training and evaluation."),
+    ConfigFlag("max_length", int, 128, "Texts are truncated to this many tokens."),
+    ConfigFlag("finetune_epochs", float, 0.0, "Fine-tune before the first reduction (1 epoch is always done when "
+               "the task head is new)."),
+    ConfigFlag("target_reduction", float, None, "Stop once this share (0-1) of the parameters is removed."),
+    ConfigFlag("max_metric_drop", _optional_float, 0.015, "Stop, keeping the previous stage, when the validation "
+               "metric falls more than this below the uncompressed model; `none` switches the rule off."),
+    ConfigFlag("max_stages", int, None, "Stop after this many reductions."),
+    ConfigFlag("mixed_precision", str, "no", "Mixed precision of training (passed to accelerate).",
+               choices=MIXED_PRECISIONS),
+    ConfigFlag("seed", int, 42, "Seed of the calibration subset, data order and initialisation."),
+)
+ANALYSIS_FIELDS = (
+    "estimator", "quantile", "tw_alpha", "sigma2_scale", "centered", "sample_unit", "sites", "calibration_fraction",
+    "max_calibration_examples", "width_multiple", "min_width", "batch_size", "max_length", "seed",
+)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, fields: Optional[Sequence[str]] = None) -> None:
+    """`--config` plus one flag per `RMTKDConfig` field (all, or `fields`); flags default to None = not given."""
+    group = parser.add_argument_group(
+        "RMTKDConfig", "Settings of the run; a flag overrides the same field of --config, defaults are RMTKDConfig's."
+    )
+    group.add_argument("--config", default=None, metavar="RMTKD_CONFIG_JSON",
+                       help="An rmtkd_config.json (or a folder holding one) to start from (default: none).")
+    for flag in CONFIG_FLAGS:
+        if fields is not None and flag.field not in fields:
+            continue
+        help_text = f"{flag.help.rstrip('.')} (default: {flag.default_text()})."
+        if flag.type is None:
+            group.add_argument(flag.flag, dest=flag.field, action="store_const", const=True, default=None,
+                               help=help_text)
+        else:
+            group.add_argument(flag.flag, dest=flag.field, type=flag.type, default=None, choices=flag.choices,
+                               nargs=flag.nargs, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, fields: Optional[Sequence[str]] = None) -> "RMTKDConfig":
+    """The `RMTKDConfig` of `--config` (or the defaults) with every flag the user gave on top."""
+    from ..configuration import CONFIG_NAME, RMTKDConfig
+
+    values: Dict[str, Any] = {}
+    if args.config is not None:
+        path = Path(args.config)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        if not path.is_file():
+            raise ValueError(f"`--config` {args.config!r} is not a file; pass the path of an {CONFIG_NAME}.")
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`--config` {args.config!r} is not valid JSON ({error}); fix or regenerate it.") from None
+    for flag in CONFIG_FLAGS:
+        if fields is not None and flag.field not in fields:
+            continue
+        value = getattr(args, flag.field)
+        if value is not None:
+            values[flag.field] = None if value == "none" else value
+    return RMTKDConfig.from_dict(values)

@@ -1,0 +1,123 @@
+"""`rmtkd compress`: run `RMTKDCompressor` on a model and a dataset, save the result, optionally push it."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .base import (
+    CommandInfo,
+    RMTKDBaseCommand,
+    add_common_arguments,
+    add_config_arguments,
+    add_dataset_column_arguments,
+    add_model_argument,
+    check_dataset_source,
+    check_output_folder,
+    config_from_args,
+    describe,
+    model_from_args,
+    model_load_error,
+)
+
+EXAMPLES = """examples:
+  rmtkd compress ./minilm-sst2 --dataset train.csv --eval-dataset validation.csv -o minilm-rmtkd
+  rmtkd compress -m ./minilm-sst2 --dataset train.csv --estimator mp-median --target-reduction 0.3 -o out
+  optimum-cli rmtkd compress ./minilm-sst2 --dataset train.csv --config rmtkd_config.json -o out --push-to-hub
+"""
+
+
+class CompressCommand(RMTKDBaseCommand):
+    COMMAND = CommandInfo(name="compress", help="Compress a model with RMT-KD and save it (optionally push it).")
+
+    @staticmethod
+    def parse_args(parser: argparse.ArgumentParser) -> None:
+        describe(
+            parser,
+            "Calibrate, cut every site to the directions above its Marchenko-Pastur bulk, and self-distil, stage "
+            "after stage, until a stop rule fires. The output folder reloads with the stock AutoModelFor* class "
+            "(or after `import optimum_rmtkd` for --output-format per-layer) and holds rmtkd_config.json, "
+            "rmtkd_report.json and the spectra plots. An interrupted run resumes from <output>.checkpoints.",
+            EXAMPLES,
+        )
+        add_model_argument(parser)
+        parser.add_argument("-o", "--output", required=True, help="Folder to write the compressed model to.")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="Replace a non-empty --output folder (default: off).")
+        parser.add_argument("--no-resume", dest="resume", action="store_false",
+                            help="Start from scratch even if <output>.checkpoints holds a run with the same "
+                                 "settings (default: resume).")
+        parser.add_argument("--num-labels", type=int, default=None,
+                            help="Classes of a new task head, for a checkpoint without one (default: the model's, "
+                                 "or 2 for a new head).")
+        data = parser.add_argument_group("datasets (a local csv/tsv/json/jsonl/parquet file, a folder or a Hub id)")
+        data.add_argument("--dataset", required=True,
+                          help="Training data: distillation, and its --calibration-fraction for the spectra.")
+        data.add_argument("--eval-dataset", "--validation-file", dest="eval_dataset", default=None,
+                          help="Validation data watched by the stop rules (default: 10%% held out of --dataset).")
+        data.add_argument("--test-dataset", default=None,
+                          help="Held-out data scored before and after compression for the report (default: none).")
+        data.add_argument("--calibration-dataset", default=None,
+                          help="Data for the spectra instead of the --dataset subset (default: none).")
+        add_dataset_column_arguments(parser)
+        add_config_arguments(parser)
+        hub = parser.add_argument_group("Hub")
+        hub.add_argument("--push-to-hub", action="store_true",
+                         help="Push the output folder with its model card when done; token and endpoint come from "
+                              "HF_TOKEN (or `hf auth login`) and HF_ENDPOINT (default: off).")
+        hub.add_argument("--hub-model-id", default=None,
+                         help="Repository to push to, `namespace/name` (default: the output folder's name under "
+                              "the token's user).")
+        hub.add_argument("--private", action="store_true", help="Create the repository as private (default: off).")
+        add_common_arguments(parser)
+
+    def execute(self) -> None:
+        args = self.args
+        model = model_from_args(args)
+        for flag, source in (("--dataset", args.dataset), ("--eval-dataset", args.eval_dataset),
+                             ("--test-dataset", args.test_dataset), ("--calibration-dataset", args.calibration_dataset)):
+            check_dataset_source(source, flag)
+        check_output_folder(args.output, args.overwrite)
+        if args.hub_model_id is not None and not args.push_to_hub:
+            raise ValueError("`--hub-model-id` was given without `--push-to-hub`; add `--push-to-hub` to push.")
+        config = config_from_args(args)
+
+        from ..analysis import format_table
+        from ..compressor import RMTKDCompressor
+
+        try:
+            compressor = RMTKDCompressor.from_pretrained(model, task=args.task, num_labels=args.num_labels)
+        except OSError as error:
+            raise model_load_error(model, error) from error
+        result = compressor.compress(
+            args.dataset,
+            eval_dataset=args.eval_dataset,
+            config=config,
+            save_directory=args.output,
+            calibration_dataset=args.calibration_dataset,
+            test_dataset=args.test_dataset,
+            text_column=args.text_column,
+            text_pair_column=args.text_pair_column,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            overwrite=args.overwrite,
+            resume=args.resume,
+        )
+        report = result.report
+        parameters, metrics = report["parameters"], report["metrics"]
+        print(f"Saved the compressed model to {result.save_directory}")
+        print(f"parameters: {parameters['original']:,} -> {parameters['compressed']:,} "
+              f"({parameters['reduction']:.1%} fewer)")
+        print(f"{report['metric_name']} ({metrics['evaluated_on']}): {metrics['original']:.4f} -> "
+              f"{metrics['compressed']:.4f}")
+        print(f"stopped: {report['stop_reason']}")
+        rows = [[site["name"], site["kind"], site["original_width"], site["kept_width"], site["rank"],
+                 "yes" if site["heavy_tailed"] else "no"] for site in report["sites"]]
+        if rows:
+            print(format_table(["site", "kind", "width", "kept", f"rank ({config.estimator})", "heavy-tailed"], rows))
+
+        if args.push_to_hub:
+            from ..hub import push_to_hub
+
+            repo_id = args.hub_model_id or Path(args.output).resolve().name
+            url = push_to_hub(result.save_directory, repo_id, private=args.private)
+            print(f"Pushed to {url}")

@@ -1,0 +1,139 @@
+"""BERT, RoBERTa and DistilBERT adapters: site tables, exactness at full width, and reloadable narrower models."""
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+import optimum_rmtkd  # noqa: F401  (registers the per-layer model types)
+from optimum_rmtkd.adapters import get_adapter
+from optimum_rmtkd.calibration import collect_statistics
+from optimum_rmtkd.configuration import RMTKDConfig
+from optimum_rmtkd.saving import save_compressed_model
+
+@pytest.fixture(scope="module")
+def sharp_dir(encoder_dir, tmp_path_factory):
+    """The tiny encoder with query/key weights scaled up: randomly initialised attention (std 0.02) is almost
+    uniform and would hide a wrong head size or score scale; sharp attention does not."""
+    model = AutoModelForSequenceClassification.from_pretrained(encoder_dir)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(k in name for k in ("query.weight", "key.weight", "q_lin.weight", "k_lin.weight")):
+                param.mul_(40.0)
+    path = tmp_path_factory.mktemp("sharp")
+    model.save_pretrained(path)
+    return path
+
+
+FIELDS = {"bert": ("hidden_size", "intermediate_size"), "roberta": ("hidden_size", "intermediate_size"),
+          "distilbert": ("dim", "hidden_dim")}
+
+
+def _batches():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(3):
+        ids = torch.randint(5, 100, (4, 11), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 7:] = 0
+        mask[3, 4:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _reduce(model_dir, hidden, ffn, output_format="stock"):
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    adapter = get_adapter(model)
+    sites = adapter.sites(model)
+    stats = collect_statistics(model, _batches(), adapter.required_captures(sites))
+    widths = {s.name: (s.dim if hidden is None else hidden) if s.kind == "hidden" else (s.dim if ffn is None else ffn)
+              for s in sites}
+    return adapter.reduce(model, sites, widths, stats, RMTKDConfig(output_format=output_format))
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_site_table(encoder_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(encoder_dir)
+    sites = get_adapter(model).sites(model)
+    assert [(s.kind, s.dim, s.layer) for s in sites] == [("hidden", 32, None), ("ffn", 37, 0), ("ffn", 37, 1)]
+    hidden = sites[0]
+    # Embeddings LayerNorm plus two LayerNorms per layer write the residual stream.
+    assert len(hidden.captures) == 5 and len(hidden.norms) == 5
+    for path in hidden.writers + hidden.readers + hidden.norms:
+        model.get_submodule(path)  # every table entry names a real module
+
+
+def test_attention_is_sharp_enough_to_matter(sharp_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(sharp_dir, attn_implementation="eager").eval()
+    probs = model(**_batches()[0], output_attentions=True).attentions[0]
+    assert probs.max() > 0.5  # far from uniform over 11 tokens (1/11)
+
+
+def test_full_width_reduction_is_exact(sharp_dir):
+    reference = AutoModelForSequenceClassification.from_pretrained(sharp_dir).eval()
+    reduced = _reduce(sharp_dir, None, None)
+    for batch in _batches():
+        # float32 round-off through rotations and a float64 solve: far below any change of prediction.
+        torch.testing.assert_close(_logits(reduced, batch), _logits(reference, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_narrower_model_has_exact_widths_and_reloads_stock(sharp_dir, tmp_path):
+    model = _reduce(sharp_dir, 16, 20)
+    hidden_field, ffn_field = FIELDS[model.config.model_type]
+    assert getattr(model.config, hidden_field) == 16 and getattr(model.config, ffn_field) == 20
+    save_compressed_model(model, None, tmp_path / "out", "stock")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded).__name__ == type(model).__name__
+    for name, tensor in model.state_dict().items():
+        assert tuple(reloaded.state_dict()[name].shape) == tuple(tensor.shape), name
+    batch = _batches()[0]
+    torch.testing.assert_close(_logits(reloaded, batch), _logits(model.eval(), batch), rtol=0, atol=0)
+
+
+def test_per_layer_widths_reload_as_registered_type(encoder_dir, tmp_path):
+    model = AutoModelForSequenceClassification.from_pretrained(encoder_dir).eval()
+    adapter = get_adapter(model)
+    ffn_sites = [s for s in adapter.sites(model) if s.kind == "ffn"]
+    stats = collect_statistics(model, _batches(), adapter.required_captures(ffn_sites))
+    model = adapter.reduce(model, ffn_sites, {ffn_sites[0].name: 8, ffn_sites[1].name: 24}, stats,
+                           RMTKDConfig(output_format="per-layer"))
+    save_compressed_model(model, None, tmp_path / "out", "per-layer")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert reloaded.config.model_type == f"rmtkd_{model.config.model_type}"
+    assert (tmp_path / "out" / "modeling_rmtkd.py").is_file() and "auto_map" in reloaded.config.to_dict()
+    widths = [s.dim for s in get_adapter(reloaded).sites(reloaded) if s.kind == "ffn"]
+    assert widths == [8, 24]
+    batch = _batches()[1]
+    torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), rtol=0, atol=0)
+
+
+def test_remote_code_loading_of_per_layer_model(bert_dir, tmp_path):
+    model = AutoModelForSequenceClassification.from_pretrained(bert_dir).eval()
+    adapter = get_adapter(model)
+    ffn_sites = [s for s in adapter.sites(model) if s.kind == "ffn"]
+    stats = collect_statistics(model, _batches(), adapter.required_captures(ffn_sites))
+    model = adapter.reduce(model, ffn_sites, {ffn_sites[0].name: 16, ffn_sites[1].name: 8}, stats,
+                           RMTKDConfig(output_format="per-layer"))
+    save_compressed_model(model, None, tmp_path / "out", "per-layer")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert reloaded.bert.encoder.layer[1].intermediate.dense.out_features == 8
+
+
+def test_stock_format_rejects_unequal_layer_widths(bert_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(bert_dir).eval()
+    adapter = get_adapter(model)
+    ffn_sites = [s for s in adapter.sites(model) if s.kind == "ffn"]
+    stats = collect_statistics(model, _batches(), adapter.required_captures(ffn_sites))
+    with pytest.raises(ValueError, match="The stock format needs one `intermediate_size` for every layer"):
+        adapter.reduce(model, ffn_sites, {ffn_sites[0].name: 16, ffn_sites[1].name: 8}, stats, RMTKDConfig())
+
+
+def test_unsupported_model_lists_supported_types():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match=r"no adapter for model type 'gpt2' .*supported model types are bert, "
+                                         r"distilbert, .*roberta.*optimum_rmtkd/adapters/"):
+        get_adapter(model)

@@ -1,0 +1,215 @@
+"""RMTKDCompressor end to end on tiny models: outputs, reload equality, resume, stop rules and input errors."""
+import json
+
+import datasets
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+import optimum_rmtkd.compressor as compressor_module
+from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
+from optimum_rmtkd.distillation import distillation_loss
+
+FAST = dict(batch_size=16, max_length=32, max_distillation_steps=2, width_multiple=4, min_width=4,
+            estimator="mp-median", max_metric_drop=None)
+
+
+def _compress(model_dir, splits, out, **overrides):
+    config = RMTKDConfig(**{**FAST, **overrides})
+    compressor = RMTKDCompressor.from_pretrained(model_dir)
+    return compressor.compress(splits["train"], splits["validation"], config, save_directory=out)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_stock_output_reloads_with_plain_from_pretrained(encoder_dir, text_splits, tmp_path):
+    result = _compress(encoder_dir, text_splits, tmp_path / "out")
+    out = tmp_path / "out"
+    for name in ("config.json", "model.safetensors", "rmtkd_config.json", "rmtkd_report.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert any((out / "spectra").glob("*.png"))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert type(reloaded) is type(result.model)
+    batch = {"input_ids": torch.randint(5, 100, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, result.model.eval()(**batch).logits, rtol=0, atol=0)
+
+    report = json.loads((out / "rmtkd_report.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert report["parameters"]["compressed"] == sum(p.numel() for p in reloaded.parameters())
+    assert report["parameters"]["compressed"] < report["parameters"]["original"]
+    assert set(config["rmtkd"]["sites"]) == {s["name"] for s in report["sites"]}
+    for site in report["sites"]:
+        assert set(site["ranks_by_estimator"]) == {"paper", "mp-median", "gavish-donoho", "kritchman-nadler", "mppca"}
+        assert site["kept_width"] % 4 == 0 or site["kept_width"] == site["original_width"]
+    hidden = next(s for s in report["sites"] if s["name"] == "hidden")
+    field = "dim" if config["model_type"] == "distilbert" else "hidden_size"
+    assert config[field] == hidden["kept_width"]
+    assert RMTKDConfig.from_json_file(out / "rmtkd_config.json") == RMTKDConfig(**FAST)
+    assert not (tmp_path / "out.checkpoints").exists()
+
+
+def test_per_layer_output_goes_layer_by_layer(bert_dir, text_splits, tmp_path):
+    result = _compress(bert_dir, text_splits, tmp_path / "out", output_format="per-layer", sites=("ffn",))
+    assert [s["sites"] for s in result.report["stages"]] == [["bert.encoder.layer.0.ffn"], ["bert.encoder.layer.1.ffn"]]
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert reloaded.config.model_type == "rmtkd_bert"
+    widths = [layer.intermediate.dense.out_features for layer in reloaded.bert.encoder.layer]
+    assert widths == [s["kept_width"] for s in result.report["sites"]]
+
+
+def test_input_model_is_never_modified(bert_dir, text_splits, tmp_path):
+    compressor = RMTKDCompressor.from_pretrained(bert_dir)
+    before = _state(compressor.model)
+    compressor.compress(text_splits["train"], text_splits["validation"], RMTKDConfig(**FAST),
+                        save_directory=tmp_path / "out")
+    after = compressor.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert compressor.model.config.hidden_size == 32
+
+
+def test_interrupted_run_resumes_from_its_last_stage(bert_dir, text_splits, tmp_path, monkeypatch):
+    real_train, calls = compressor_module.train, {"n": 0}
+
+    def failing_train(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second stage's distillation
+            raise KeyboardInterrupt("simulated interruption")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(compressor_module, "train", failing_train)
+    with pytest.raises(KeyboardInterrupt):
+        _compress(bert_dir, text_splits, tmp_path / "out")
+    state = json.loads((tmp_path / "out.checkpoints" / "rmtkd_state.json").read_text())
+    assert state["completed_stages"] == 1 and not (tmp_path / "out").exists()
+
+    stages_run = []
+    real_run_stage = compressor_module._Run.run_stage
+
+    def recording_run_stage(self, model, site_names, st):
+        stages_run.append(site_names)
+        return real_run_stage(self, model, site_names, st)
+
+    monkeypatch.setattr(compressor_module, "train", real_train)
+    monkeypatch.setattr(compressor_module._Run, "run_stage", recording_run_stage)
+    result = _compress(bert_dir, text_splits, tmp_path / "out")
+    assert stages_run == [["bert.encoder.layer.0.ffn", "bert.encoder.layer.1.ffn"]]  # stage 1 was not redone
+    assert [s["stage"] for s in result.report["stages"]] == [1, 2]
+    assert result.report["sites"][0]["kept_width"] == result.model.config.hidden_size
+
+
+def test_metric_drop_keeps_the_previous_stage(bert_dir, text_splits, tmp_path):
+    scores = iter([0.9, 0.5, 0.1, 0.1, 0.1])  # baseline, before/after stage 1, final
+
+    def falling_metric(predictions, references):
+        return next(scores)
+
+    config = RMTKDConfig(**{**FAST, "max_metric_drop": 0.05})
+    result = RMTKDCompressor.from_pretrained(bert_dir).compress(
+        text_splits["train"], text_splits["validation"], config, save_directory=tmp_path / "out", metric=falling_metric
+    )
+    assert "kept the previous stage" in result.report["stop_reason"]
+    assert result.report["stages"][0]["reverted"] is True
+    assert result.model.config.hidden_size == 32
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").config.hidden_size == 32
+
+
+def test_target_reduction_stops_early(bert_dir, text_splits, tmp_path):
+    result = _compress(bert_dir, text_splits, tmp_path / "out", target_reduction=0.05)
+    assert len(result.report["stages"]) == 1
+    assert result.report["stop_reason"].startswith("target reduction 5% reached")
+
+
+def test_local_csv_files_are_datasets(bert_dir, text_splits, tmp_path):
+    train_csv, eval_csv = tmp_path / "train.csv", tmp_path / "eval.csv"
+    text_splits["train"].to_csv(train_csv)
+    text_splits["validation"].to_csv(eval_csv)
+    compressor = RMTKDCompressor.from_pretrained(bert_dir)
+    result = compressor.compress(str(train_csv), str(eval_csv), RMTKDConfig(**FAST, max_stages=1),
+                                 save_directory=tmp_path / "out")
+    assert result.report["stop_reason"] == "max_stages=1 reached"
+
+
+def test_string_labels_are_mapped(bert_dir, text_splits, tmp_path):
+    names = ["neg", "neu", "pos"]
+    train = text_splits["train"].map(lambda r: {"label": names[r["label"]]})
+    valid = text_splits["validation"].map(lambda r: {"label": names[r["label"]]})
+    result = RMTKDCompressor.from_pretrained(bert_dir).compress(
+        train, valid, RMTKDConfig(**FAST, max_stages=1), save_directory=tmp_path / "out"
+    )
+    assert result.report["metrics"]["compressed"] is not None
+
+
+def test_missing_label_column(bert_dir, text_splits, tmp_path):
+    with pytest.raises(ValueError, match="`train_dataset` has no column 'sentiment'; its columns are text, label"):
+        RMTKDCompressor.from_pretrained(bert_dir).compress(
+            text_splits["train"], text_splits["validation"], RMTKDConfig(**FAST), save_directory=tmp_path / "o",
+            label_column="sentiment",
+        )
+
+
+def test_empty_dataset(bert_dir, text_splits, tmp_path):
+    empty = text_splits["train"].select([])
+    with pytest.raises(ValueError, match="`train_dataset` is empty; pass a dataset with at least one example."):
+        RMTKDCompressor.from_pretrained(bert_dir).compress(
+            empty, text_splits["validation"], RMTKDConfig(**FAST), save_directory=tmp_path / "o"
+        )
+
+
+def test_save_directory_is_the_input_directory(bert_dir, text_splits):
+    with pytest.raises(ValueError, match="is the input model's folder; choose another folder"):
+        RMTKDCompressor.from_pretrained(bert_dir).compress(
+            text_splits["train"], text_splits["validation"], RMTKDConfig(**FAST), save_directory=bert_dir
+        )
+
+
+def test_non_empty_save_directory_needs_overwrite(bert_dir, text_splits, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="exists and is not empty; choose another folder or pass `overwrite=True`"):
+        RMTKDCompressor.from_pretrained(bert_dir).compress(
+            text_splits["train"], text_splits["validation"], RMTKDConfig(**FAST), save_directory=tmp_path / "taken"
+        )
+    assert (tmp_path / "taken" / "file.txt").read_text() == "keep me"
+
+
+def test_unsupported_model_type():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="RMT-KD has no adapter for model type 'gpt2'"):
+        RMTKDCompressor(model)
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="`task` must be one of .*got 'translation'"):
+        RMTKDCompressor.from_pretrained("unused", task="translation")
+
+
+def test_missing_model_path_explains_the_fix(tmp_path):
+    with pytest.raises(OSError, match="Could not load a model from .*pass a local folder"):
+        RMTKDCompressor.from_pretrained(tmp_path / "nope")
+
+
+def test_too_many_labels_for_the_head(bert_dir, text_splits, tmp_path):
+    train = text_splits["train"].map(lambda r: {"label": r["label"] + 5})
+    with pytest.raises(ValueError, match="labels go up to 7 but the model has `num_labels=3`; pass `num_labels=8`"):
+        RMTKDCompressor.from_pretrained(bert_dir).compress(
+            train, text_splits["validation"], RMTKDConfig(**FAST), save_directory=tmp_path / "o"
+        )
+
+
+def test_distillation_loss_matches_its_formula():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    alpha, temperature = 0.7, 2.0
+    p_old = torch.softmax(teacher / temperature, -1)
+    p_new = torch.softmax(student / temperature, -1)
+    kl = (p_old * (p_old.log() - p_new.log())).sum(-1).mean()
+    ce = torch.nn.functional.cross_entropy(student, labels)
+    expected = alpha * ce + (1 - alpha) * temperature**2 * kl
+    torch.testing.assert_close(distillation_loss(student, teacher, labels, alpha, temperature), expected)
+    torch.testing.assert_close(distillation_loss(student, None, labels, alpha, temperature), ce)
