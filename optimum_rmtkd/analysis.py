@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers.utils import logging
 
-from .adapters import get_adapter
+from .adapters import Adapter, Site, get_adapter
 from .calibration import collect_statistics
 from .configuration import RMTKDConfig
 from .covariance import SecondMomentAccumulator
@@ -52,11 +52,14 @@ class RMTKDAnalysis:
     Attributes:
         model_type (`str`): `config.model_type` of the analysed model.
         sites (`list[SiteReport]`): one report per site; `estimator`, `sigma2`, `edge`, `ks_distance` and
-            `heavy_tailed` are those of `config.estimator`, `ranks_by_estimator` holds every estimator's rank.
-        widths_by_estimator (`dict[str, dict[str, int]]`): site → estimator → kept width after rounding
-            (`width_multiple`, `min_width`, attention heads), i.e. the per-layer widths `compress` would use.
-        stock_widths (`dict[str, dict[str, int]]`): site kind → estimator → the one width the stock format would
-            give every site of that kind (the widest of them, so no layer loses a kept direction).
+            `heavy_tailed` are those of `config.estimator`, `ranks_by_estimator` holds every estimator's rank and
+            `kept_width` is the configured estimator's entry of `saved_widths`.
+        asked_widths (`dict[str, dict[str, int]]`): site → estimator → the width the site's own spectrum asks for
+            (the rank rounded up to `width_multiple`, at least `min_width`, a multiple of the attention heads for a
+            hidden width).
+        saved_widths (`dict[str, dict[str, int]]`): site → estimator → the width `compress` would cut the site to
+            in its first stage: the asked widths as `config.output_format` can hold them (the stock format gives
+            every site of a config field the widest width asked among them).
         n_examples (`int`): calibration examples the statistics came from.
         config (`RMTKDConfig`): the settings used.
         source (`str`, *optional*): where the model came from, if known.
@@ -64,8 +67,8 @@ class RMTKDAnalysis:
 
     model_type: str
     sites: List[SiteReport]
-    widths_by_estimator: Dict[str, Dict[str, int]]
-    stock_widths: Dict[str, Dict[str, int]]
+    asked_widths: Dict[str, Dict[str, int]]
+    saved_widths: Dict[str, Dict[str, int]]
     n_examples: int
     config: RMTKDConfig
     source: Optional[str] = None
@@ -77,35 +80,36 @@ class RMTKDAnalysis:
             "package_version": __version__,
             "calibration_examples": self.n_examples,
             "estimator": self.config.estimator,
+            "output_format": self.config.output_format,
             "config": self.config.to_dict(),
-            "stock_widths": self.stock_widths,
             "sites": [
-                dict(site.to_dict(), widths_by_estimator=self.widths_by_estimator[site.name]) for site in self.sites
+                dict(site.to_dict(), asked_widths=self.asked_widths[site.name],
+                     saved_widths=self.saved_widths[site.name])
+                for site in self.sites
             ],
         }
 
     def to_table(self) -> str:
-        """A plain-text table: one row per site with d, n, q, σ², λ₊ (of `config.estimator`), the kept width of
-        every estimator (the configured one starred), the KS distance and the heavy-tail flag."""
+        """A plain-text table: one row per site with d, n, q, σ², λ₊ (of `config.estimator`), the width every
+        estimator would cut it to (the configured one starred), the KS distance and the heavy-tail flag."""
         chosen = self.config.estimator
         header = ["site", "d", "n", "q", "σ²", "λ₊"]
         header += [f"{name}*" if name == chosen else name for name in ESTIMATORS]
         header += ["KS", "heavy-tailed"]
         rows = []
         for site in self.sites:
-            widths = self.widths_by_estimator[site.name]
+            saved, asked = self.saved_widths[site.name], self.asked_widths[site.name]
             rows.append(
                 [site.name, str(site.original_width), str(site.n_samples), f"{site.q:.3g}", f"{site.sigma2:.3g}",
                  f"{site.edge:.3g}"]
-                + [str(widths[name]) for name in ESTIMATORS]
+                + [str(saved[name]) if saved[name] == asked[name] else f"{saved[name]} ({asked[name]})"
+                   for name in ESTIMATORS]
                 + [f"{site.ks_distance:.3f}", "yes" if site.heavy_tailed else "no"]
             )
-        for kind, widths in self.stock_widths.items():
-            rows.append([f"stock width ({kind})", "", "", "", "", ""] + [str(widths[name]) for name in ESTIMATORS]
-                        + ["", ""])
         note = (
-            f"* = the configured estimator ({chosen}); σ², λ₊ and KS are its values. Widths are rounded up to a "
-            f"multiple of {self.config.width_multiple} (and of the attention heads for the hidden width)."
+            f"* = the configured estimator ({chosen}); σ², λ₊ and KS are its values. Widths are those the "
+            f"`{self.config.output_format}` format would be cut to in the first stage, rounded up to a multiple of "
+            f"{self.config.width_multiple}; in parentheses, a site's own width where the format ties it to others."
         )
         return format_table(header, rows) + "\n" + note
 
@@ -137,6 +141,22 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def stage_groups(adapter: Adapter, model: nn.Module, sites: Sequence[Site], config: RMTKDConfig) -> List[List[Site]]:
+    """The sites `compress` cuts together, in stage order: per kind of `config.sites`, the adapter's stock groups
+    (sites that share a config field), or one site at a time in the per-layer format (the hidden width, shared by
+    every layer, stays one group)."""
+    groups: List[List[Site]] = []
+    for kind in config.sites:
+        of_kind = [site for site in sites if site.kind == kind]
+        if not of_kind:
+            continue
+        if config.output_format == "per-layer" and kind != "hidden":
+            groups.extend([site] for site in of_kind)
+        else:
+            groups.extend(adapter.stock_groups(model, of_kind))
+    return groups
+
+
 def analyze_model(
     model: nn.Module,
     preprocessor: Any,
@@ -159,7 +179,7 @@ def analyze_model(
             `compress`, a `config.calibration_fraction` share of it, at most `config.max_calibration_examples`
             examples, is used, so n (hence q and the bulk edge) is what `compress` would see on the same split.
         config (`RMTKDConfig`, *optional*): `sites`, the estimator and its parameters, `sample_unit`, `centered`,
-            `max_length`, `batch_size`, widths rounding and `seed` are read from it.
+            `max_length`, `batch_size`, width rounding, `output_format` and `seed` are read from it.
         text_column / text_pair_column / image_column: the dataset's input column names; labels are not needed.
         source (`str`, *optional*): the model's path or Hub id, recorded in the result.
 
@@ -188,7 +208,7 @@ def analyze_model(
     stats = collect_statistics(model, loader, points, sample_unit=config.sample_unit)
 
     reports: List[SiteReport] = []
-    widths: Dict[str, Dict[str, int]] = {}
+    asked: Dict[str, Dict[str, int]] = {}
     fit_kwargs = config.estimator_kwargs()
     for site in sites:
         pooled = SecondMomentAccumulator(site.dim, device=stats[site.captures[0].key].sum.device)
@@ -196,21 +216,24 @@ def analyze_model(
             pooled.merge(stats[point.key])
         eigenvalues = pooled.eigh(centered=config.centered).eigenvalues.cpu().numpy()
         fit = fit_spectrum(eigenvalues, pooled.n_samples, **fit_kwargs)
-        report = build_site_report(site, fit, 0, eigenvalues)
+        reports.append(build_site_report(site, fit, site.dim, eigenvalues))
         num_heads = adapter.heads_constraint(model, site)
-        widths[site.name] = {
+        asked[site.name] = {
             name: round_width(min(max(rank, config.min_width), site.dim), site.dim, config.width_multiple,
                               num_heads=num_heads)
-            for name, rank in report.ranks_by_estimator.items()
+            for name, rank in reports[-1].ranks_by_estimator.items()
         }
-        report.kept_width = widths[site.name][config.estimator]
-        reports.append(report)
 
-    stock: Dict[str, Dict[str, int]] = {}
-    for kind in config.sites:
-        of_kind = [site.name for site in sites if site.kind == kind]
-        if of_kind:
-            stock[kind] = {name: max(widths[site][name] for site in of_kind) for name in ESTIMATORS}
+    saved: Dict[str, Dict[str, int]] = {site.name: {} for site in sites}
+    for group in stage_groups(adapter, model, sites, config):
+        for name in ESTIMATORS:
+            widths = adapter.expressible_widths(
+                model, group, {site.name: asked[site.name][name] for site in group}, config.output_format
+            )
+            for site in group:
+                saved[site.name][name] = widths[site.name]
+    for report in reports:
+        report.kept_width = saved[report.name][config.estimator]
     heavy = [report.name for report in reports if report.heavy_tailed]
     if heavy:
         logger.warning(
@@ -219,6 +242,6 @@ def analyze_model(
             config.estimator,
         )
     return RMTKDAnalysis(
-        model_type=model.config.model_type, sites=reports, widths_by_estimator=widths, stock_widths=stock,
+        model_type=model.config.model_type, sites=reports, asked_widths=asked, saved_widths=saved,
         n_examples=len(subset), config=config, source=source,
     )

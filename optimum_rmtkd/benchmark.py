@@ -217,8 +217,9 @@ class BenchmarkReport:
             sizes = sorted({getattr(r, self.size_key) for r in self.results if r.backend == backend})
             for color_index, size in enumerate(sizes):
                 for model, style in zip(MODEL_NAMES, ("-o", "--s")):
+                    cell = (backend, model, size)
                     rows = sorted(
-                        (r for r in self.results if (r.backend, r.model, getattr(r, self.size_key)) == (backend, model, size)),
+                        (r for r in self.results if (r.backend, r.model, getattr(r, self.size_key)) == cell),
                         key=lambda r: r.batch_size,
                     )
                     axis.plot(
@@ -254,7 +255,7 @@ class BenchmarkReport:
             paths["png"] = output_dir / "benchmark.png"
             self.plot(paths["png"])
         else:
-            logger.warning("matplotlib is not installed: benchmark.png not written (`pip install optimum-rmtkd[plots]`).")
+            logger.warning("matplotlib is not installed: no benchmark.png (`pip install optimum-rmtkd[plots]`).")
         return paths
 
 
@@ -281,7 +282,6 @@ def _proc_status_kib(field_name: str) -> Optional[int]:
 
 def _release_free_heap() -> None:
     """Hand freed heap pages back to the OS (glibc), so the resident size before a call counts only live memory."""
-    gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -391,6 +391,7 @@ class _ONNXRuntimeRunner:
         self.feed: dict[str, np.ndarray] = {}
         self._binding = None
         self._device_inputs: list = []
+        self._memory_session = None
 
     def _options(self, *, memory_arena: bool = True):
         import onnxruntime as ort
@@ -430,11 +431,12 @@ class _ONNXRuntimeRunner:
             return None
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(self.onnx_path), self._options(memory_arena=False), providers=self.providers)
-        session.run(self.output_names, self.feed)  # first call: kernel set-up, not working memory
-        peak = _peak_rss_increase_mb(lambda: session.run(self.output_names, self.feed))
-        del session
-        return peak
+        if self._memory_session is None:
+            options = self._options(memory_arena=False)
+            self._memory_session = ort.InferenceSession(str(self.onnx_path), options, providers=self.providers)
+        session = self._memory_session
+        session.run(self.output_names, self.feed)  # first call at this shape: kernel set-up, not working memory
+        return _peak_rss_increase_mb(lambda: session.run(self.output_names, self.feed))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -483,7 +485,6 @@ def _speedup_with_ci(original: np.ndarray, compressed: np.ndarray, seed: int) ->
 def _time_interleaved(runners: dict[str, _Runner], repeats: int) -> dict[str, np.ndarray]:
     names = list(runners)
     seconds = {name: np.empty(repeats) for name in names}
-    gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -558,7 +559,10 @@ def _machine_info() -> dict[str, Any]:
                     cpu_model = line.split(":", 1)[1].strip()
                     break
     versions = {"python": platform.python_version()}
-    for package in ("torch", "transformers", "optimum-rmtkd", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "numpy"):
+    packages = (
+        "torch", "transformers", "optimum-rmtkd", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "numpy",
+    )
+    for package in packages:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     return {
@@ -676,7 +680,10 @@ def benchmark_models(
     if not energy_seconds > 0:
         raise ValueError(f"`energy_seconds` must be positive, got {energy_seconds!r}.")
 
-    models = {"original": load_classification_model(original_dir), "compressed": load_classification_model(compressed_dir)}
+    models = {
+        "original": load_classification_model(original_dir),
+        "compressed": load_classification_model(compressed_dir),
+    }
     image = is_image_config(models["original"].config)
     if image != is_image_config(models["compressed"].config):
         raise ValueError(

@@ -72,6 +72,17 @@ class ActivationCollector:
         self._handles.clear()
 
 
+def process_shard(dataset, accelerator):
+    """This process's contiguous, disjoint share of `dataset` (every example in exactly one shard).
+
+    Accelerate's `even_batches` would repeat examples to even out shards, and a repeated example is counted twice
+    in a covariance sum, so calibration shards by hand instead of through `accelerator.prepare`.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return dataset
+    return dataset.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
+
+
 @torch.no_grad()
 def collect_statistics(
     model: nn.Module,

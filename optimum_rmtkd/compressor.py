@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from transformers.utils import logging
 
 from .adapters import Site, get_adapter
-from .calibration import collect_statistics
+from .calibration import collect_statistics, process_shard
 from .configuration import CONFIG_NAME, RMTKDConfig
 from .covariance import SecondMomentAccumulator
 from .data import DatasetLike, calibration_subset, check_columns, label_mapping, load_split
@@ -248,8 +248,7 @@ class _Run:
                 DataLoader(test_tok.with_format("torch"), batch_size=config.batch_size * 2, collate_fn=collator)
             ) if test_tok is not None else None
         )
-        # Each process calibrates its own contiguous shard; the sums are all-reduced (no sample counted twice).
-        shard = calib_tok.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
+        shard = process_shard(calib_tok, accelerator)
         self.calibration_loader = DataLoader(
             shard.with_format("torch"), batch_size=config.batch_size, collate_fn=collator
         )

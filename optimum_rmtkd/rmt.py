@@ -148,23 +148,26 @@ def _continuous_cdf(x: np.ndarray, q: float) -> np.ndarray:
 
     With a = λ₋, b = λ₊ and r(t) = √((b − t)(t − a)), an antiderivative of r(t)/t is
     G(t) = r + (a + b)/2 · arcsin((2t − a − b)/(b − a)) − √(ab) · arcsin(((a + b)t − 2ab)/((b − a)t))
-    (differentiate to check); G(b) − G(a) = 2π min(1, q), so F(b) = min(1, 1/q).
+    (differentiate to check); G(b) − G(a) = 2π min(1, q), so F(b) = min(1, 1/q). Both arcsines are evaluated as
+    arctan2(numerator, √(denominator² − numerator²)), where the square roots factor exactly into 2r and 2√(ab)·r:
+    a plain arcsin loses half of the digits (errors ~1e-8) where its argument nears ±1, i.e. at the edges.
     """
     root = math.sqrt(q)
     a, b = (1.0 - root) ** 2, (1.0 + root) ** 2
     total = min(1.0, 1.0 / q)
+    sqrt_ab = abs(1.0 - q)  # √(ab) = |1 − q|
 
     def antiderivative(t: np.ndarray) -> np.ndarray:
         r = np.sqrt(np.clip((b - t) * (t - a), 0.0, None))
-        value = r + 0.5 * (a + b) * np.arcsin(np.clip((2.0 * t - a - b) / (b - a), -1.0, 1.0))
-        if a > 0:  # at q = 1, a = 0 and the last term vanishes (its argument is 0/0 at t = 0)
-            ratio = ((a + b) * t - 2.0 * a * b) / ((b - a) * t)
-            value = value - math.sqrt(a * b) * np.arcsin(np.clip(ratio, -1.0, 1.0))
-        return value
+        return (
+            r
+            + 0.5 * (a + b) * np.arctan2(2.0 * t - a - b, 2.0 * r)
+            - sqrt_ab * np.arctan2((a + b) * t - 2.0 * a * b, 2.0 * sqrt_ab * r)
+        )
 
     x = np.asarray(x, dtype=np.float64)
-    start = max(a, np.finfo(np.float64).tiny)
-    cdf = (antiderivative(np.clip(x, start, b)) - antiderivative(np.float64(start))) / (2.0 * math.pi * q)
+    # G(a) = −π(a + b)/4 + π√(ab)/2: both arcsines are −π/2 there.
+    cdf = (antiderivative(np.clip(x, a, b)) + 0.25 * math.pi * (a + b) - 0.5 * math.pi * sqrt_ab) / (2.0 * math.pi * q)
     cdf = np.clip(cdf, 0.0, total)
     return np.where(x <= a, 0.0, np.where(x >= b, total, cdf))
 
@@ -305,8 +308,9 @@ class SpectrumFit:
         lower_edge (`float`): lower bulk edge λ₋ = σ²(1 − √q)².
         rank (`int`): k, the number of kept directions (the k largest eigenvalues).
         threshold (`float`): the cut actually used. `edge` for `paper` and `mp-median`, λ*(β)² σ² max(1, q) for
-            `gavish-donoho`, the critical value of the last (failed) test for `kritchman-nadler`, and the bulk edge
-            predicted from the bandwidth at the stopping rank for `mppca`.
+            `gavish-donoho`, the critical value of the last test run for `kritchman-nadler` (the one that failed,
+            unless all rejected), and the bulk edge predicted from the bandwidth at the stopping rank for `mppca`.
+            For the last two the rank counts sequential steps, which is #{λ > threshold} on ordinary spectra.
         ks_distance (`float`): Kolmogorov–Smirnov distance between the live eigenvalues ≤ `edge` and the MP law
             with this σ²; 1.0 when no eigenvalue lies in the bulk.
         spike_strengths (`np.ndarray`): ℓ̂ per kept direction (population eigenvalue σ²(1 + ℓ)), see
@@ -500,17 +504,17 @@ def _tracy_widom_quantile(alpha: float) -> float:
     return float(stats.gamma.ppf(1.0 - alpha, _TW1_GAMMA_SHAPE, scale=_TW1_GAMMA_SCALE)) - _TW1_GAMMA_SHIFT
 
 
-def _kritchman_nadler_noise(eigenvalues: np.ndarray, n: int, k: int) -> float:
+def _kritchman_nadler_noise(live: np.ndarray, n: int, p: int, k: int) -> float:
     """Kritchman & Nadler noise variance assuming k signals (the consistent fixed point of KN 2008/2009).
 
     The trace is preserved: σ² = [Σ_{j>k} λ_j + Σ_{j≤k}(λ_j − ρ_j)]/(p − k), where ρ_j, the population eigenvalue
     behind λ_j, solves ρ² − ρ(λ_j + σ² − σ²(p − k)/n) + λ_j σ² = 0 (the spiked-model map). Started at the mean of the
     p − k smallest eigenvalues inflated by 1/(1 − k/n); the iteration stops when σ² moves by < 1e-8 relative or when
-    the quadratic has no real root (then the last σ² is kept, as in the authors' code).
+    the quadratic has no real root (then the last σ² is kept, as in the authors' code). Zeros add nothing to the
+    sums, so only the live eigenvalues are passed, with p the dimension they live in.
     """
-    p = eigenvalues.size
-    tail = float(eigenvalues[k:].sum())
-    signal = eigenvalues[:k]
+    tail = float(live[k:].sum())
+    signal = live[:k]
     sigma2 = tail / (p - k) / (1.0 - k / n)
     for _ in range(100):
         b = signal + sigma2 - sigma2 * (p - k) / n
@@ -527,36 +531,36 @@ def _kritchman_nadler_noise(eigenvalues: np.ndarray, n: int, k: int) -> float:
 
 
 def _kritchman_nadler_fit(
-    eigenvalues: np.ndarray, n: int, n_live: int, alpha: float, scale: float
+    live: np.ndarray, n: int, p: int, alpha: float, scale: float
 ) -> Tuple[float, int, float, Dict[str, Any]]:
     """Kritchman & Nadler: sequential Tracy–Widom tests, "is λ_k a signal?" for k = 1, 2, ...
 
     KN 2008, Chemometr. Intell. Lab. Syst. 94, 19-32; KN 2009, IEEE Trans. Signal Process. 57(10), 3930-3941.
-    Step k rejects "fewer than k signals" when n λ_k > σ̂²(k) (μ_{n,p−k} + s(α) σ_{n,p−k}) (as in the authors'
-    `KN_rankEst`), with
-    σ̂²(k) from `_kritchman_nadler_noise`, s(α) the upper-α TW1 quantile (`_tracy_widom_quantile`), and the
-    centring/scaling of Johnstone (2001, Ann. Stat. 29) in the second-order accurate form of Ma (2012, Bernoulli 18):
+    Step k rejects "fewer than k signals" when n λ_k > σ̂²(k) (μ_{n,p−k} + s(α) σ_{n,p−k}), as in the authors'
+    `KN_rankEst`, with σ̂²(k) from `_kritchman_nadler_noise`, s(α) the upper-α TW1 quantile
+    (`_tracy_widom_quantile`), and Johnstone's (2001, Ann. Stat. 29) centring and scaling of the largest Wishart
+    eigenvalue in the n − ½, p − ½ form of the authors' code:
     μ_{n,p} = (√(n − ½) + √(p − ½))², σ_{n,p} = √μ_{n,p} (1/√(n − ½) + 1/√(p − ½))^{1/3}. The rank is the number
-    of consecutive rejections, at most `n_live` − 1 (min(d, n) − 1 in the paper; dead directions lower it, so the
-    noise is never estimated from zeros alone); σ² is σ̂²(k) at that rank, or trace/d when k = 0. Each test has
-    false-alarm probability ≈ α. `eigenvalues` are all d of them (zeros included: the trace is what counts).
-    On a spectrum that is not noise plus a few spikes, with large n, every test rejects: KN then keeps all but one.
+    of consecutive rejections, at most (number of live eigenvalues) − 1, which is min(d, n) − 1 in the paper; σ² is
+    σ̂²(k) at that rank, or trace/p when k = 0. Each test has false-alarm probability ≈ α. p is d, less the dead
+    directions (zeros that are not structural): they hold no noise, and counting them in p would bias σ̂² low by
+    their share, as the estimate divides the trace by p − k. On a spectrum that is not noise plus a few spikes, with
+    large n, every test rejects: KN then keeps all directions but one.
     """
-    p = eigenvalues.size
     s_alpha = _tracy_widom_quantile(alpha)
-    noise = {0: float(eigenvalues.sum()) / p}
+    noise = {0: float(live.sum()) / p}
     rank, critical = 0, math.nan
-    for k in range(1, n_live):
-        noise[k] = _kritchman_nadler_noise(eigenvalues, n, k)
+    for k in range(1, live.size):
+        noise[k] = _kritchman_nadler_noise(live, n, p, k)
         mu = (math.sqrt(n - 0.5) + math.sqrt(p - k - 0.5)) ** 2
         sigma_tw = math.sqrt(mu) * (1.0 / math.sqrt(n - 0.5) + 1.0 / math.sqrt(p - k - 0.5)) ** (1.0 / 3.0)
         critical = scale * noise[k] * (mu + s_alpha * sigma_tw) / n
-        if eigenvalues[k - 1] <= critical:
+        if live[k - 1] <= critical:
             break
         rank = k
     sigma2 = noise[rank] * scale
     if math.isnan(critical):  # a single live eigenvalue: no test can run, nothing is kept
-        critical = float(eigenvalues[0])
+        critical = float(live[0])
     return sigma2, rank, critical, {"alpha": alpha, "tracy_widom_quantile": s_alpha, "scale": scale}
 
 
@@ -655,12 +659,13 @@ def fit_spectrum(
             `gavish-donoho` (optimal hard threshold), `kritchman-nadler` (sequential Tracy–Widom tests),
             `mppca` (Veraart's parameter-free rule). Each private `_<name>_fit` documents its equations.
         quantile (`float`, *optional*, defaults to 0.5): τ in (0, 1), the eigenvalue quantile that starts `paper`;
-            higher values keep fewer directions.
+            higher values keep fewer directions as a rule, though a histogram fit does not guarantee it step by
+            step (a search for a target size should move `scale`, which is monotone).
         alpha (`float`, *optional*, defaults to 0.005): level in (0, 1) of each `kritchman-nadler` test.
         bins (`int`, *optional*): histogram bins (>= 2) of the `paper` fit; defaults to √m clipped to [10, 100].
-        scale (`float`, *optional*, defaults to 1.0): multiplies the estimated σ² (> 0); values > 1 keep fewer
-            directions, which is how a target size is searched. For `kritchman-nadler` and `mppca` it multiplies the
-            noise level inside their rules.
+        scale (`float`, *optional*, defaults to 1.0): multiplies the estimated σ² (> 0; for `kritchman-nadler`
+            and `mppca`, the noise level inside their rules). The kept rank never grows with it, so a target size
+            can be searched by bisection on `scale`.
 
     Returns:
         `SpectrumFit`. A heavy-tailed bulk (see `HEAVY_TAIL_KS`) is logged as a warning.
@@ -703,7 +708,8 @@ def fit_spectrum(
     elif estimator == "gavish-donoho":
         sigma2, rank, threshold, params = _gavish_donoho_fit(live, q, scale)
     elif estimator == "kritchman-nadler":
-        sigma2, rank, threshold, params = _kritchman_nadler_fit(eigenvalues, n, live.size, alpha, scale)
+        dead = min(dim, n) - live.size
+        sigma2, rank, threshold, params = _kritchman_nadler_fit(live, n, dim - dead, alpha, scale)
     else:
         sigma2, rank, threshold, params = _mppca_fit(live, dim, n, scale)
 

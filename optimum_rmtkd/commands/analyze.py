@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import logging
 
+from optimum.commands.base import CommandInfo
+
 from .base import (
     ANALYSIS_FIELDS,
-    CommandInfo,
     RMTKDBaseCommand,
     add_common_arguments,
     add_config_arguments,
@@ -18,6 +19,7 @@ from .base import (
     describe,
     model_from_args,
     model_load_error,
+    task_from_args,
 )
 
 EXAMPLES = """examples:
@@ -60,11 +62,12 @@ class AnalyzeCommand(RMTKDBaseCommand):
         if args.output is not None:
             check_output_folder(args.output, args.overwrite)
         config = config_from_args(args, ANALYSIS_FIELDS)
+        task = task_from_args(args, model_id)
 
         from ..analysis import analyze_model
         from ..tasks import get_task
 
-        spec = get_task(args.task)
+        spec = get_task(task)
         try:
             model = spec.auto_model.from_pretrained(model_id)
             preprocessor = spec.load_preprocessor(model_id)
@@ -74,7 +77,7 @@ class AnalyzeCommand(RMTKDBaseCommand):
             # The table flags heavy-tailed sites and the analysis logs one summary; one warning per fit is noise.
             logging.getLogger("optimum_rmtkd.rmt").setLevel(logging.ERROR)
         analysis = analyze_model(
-            model, preprocessor, args.task, args.dataset, config, text_column=args.text_column,
+            model, preprocessor, task, args.dataset, config, text_column=args.text_column,
             text_pair_column=args.text_pair_column, image_column=args.image_column, source=model_id,
         )
         print(analysis.to_table())

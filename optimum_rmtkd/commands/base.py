@@ -12,11 +12,13 @@ import logging
 import os
 import sys
 import textwrap
+import warnings
+from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 
-from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+from optimum.commands.base import BaseOptimumCLICommand
 
 if TYPE_CHECKING:
     from ..configuration import RMTKDConfig
@@ -26,7 +28,7 @@ SAMPLE_UNITS = ("tokens", "cls", "mean")
 SITE_KINDS = ("hidden", "ffn", "channels")
 OUTPUT_FORMATS = ("stock", "per-layer")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-TASKS = ("text-classification",)
+TASKS = ("text-classification", "image-classification")
 DATASET_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
 # Errors a user can fix from the message alone: shown as one line, without a traceback unless `--debug`.
@@ -57,8 +59,9 @@ class RMTKDBaseCommand(BaseOptimumCLICommand):
             print(f"error: {message} (run with --debug to see the traceback)", file=sys.stderr)
             raise SystemExit(1)
 
+    @abstractmethod
     def execute(self) -> None:
-        raise NotImplementedError
+        """Do the command's work with `self.args`; raise an exception from `USER_ERRORS` for a user's mistake."""
 
 
 def describe(parser: argparse.ArgumentParser, description: str, epilog: Optional[str] = None) -> None:
@@ -79,7 +82,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--debug", action="store_true",
-        help="Debug logging, and show the Python traceback of an error (default: off).",
+        help="Debug logging from optimum-rmtkd, info from transformers, and the Python traceback of an error "
+             "(default: off).",
     )
 
 
@@ -106,8 +110,11 @@ def configure_logging(quiet: bool, debug: bool) -> None:
         # tqdm >= 4.66 reads its defaults from TQDM_* variables: this silences the bars of plain `tqdm` calls that
         # leave `disable` unset.
         os.environ["TQDM_DISABLE"] = "1"
+        # torch.onnx's exporter logs warnings (missing torchvision ops) and torch emits FutureWarnings while tracing.
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")
     elif debug:
-        hf_logging.set_verbosity_debug()
+        hf_logging.set_verbosity_info()
     else:
         hf_logging.set_verbosity_warning()
 
@@ -168,6 +175,19 @@ def model_load_error(model: str, error: OSError) -> OSError:
     )
 
 
+def task_from_args(args: argparse.Namespace, model: str) -> str:
+    """`--task`, or the task the model's config implies (image models have `num_channels`, text models do not)."""
+    if args.task is not None:
+        return args.task
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except OSError as error:
+        raise model_load_error(model, error) from error
+    return "image-classification" if getattr(config, "num_channels", None) is not None else "text-classification"
+
+
 def check_dataset_source(source: Optional[str], flag: str) -> None:
     """A local dataset file must exist: a missing `train.csv` would otherwise be looked up on the Hub as an id."""
     if source is None:
@@ -200,8 +220,9 @@ def add_dataset_column_arguments(parser: argparse.ArgumentParser, labels: bool =
     if labels:
         group.add_argument("--label-column", default="label",
                            help="Column with the class labels, ids or names (default: label).")
-    group.add_argument("--task", default="text-classification", choices=TASKS,
-                       help="The task, which picks the model class and preprocessing (default: text-classification).")
+    group.add_argument("--task", default=None, choices=TASKS,
+                       help="The task, which picks the model class and preprocessing (default: image-classification "
+                            "for a model whose config has `num_channels`, else text-classification).")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -270,7 +291,7 @@ CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
 )
 ANALYSIS_FIELDS = (
     "estimator", "quantile", "tw_alpha", "sigma2_scale", "centered", "sample_unit", "sites", "calibration_fraction",
-    "max_calibration_examples", "width_multiple", "min_width", "batch_size", "max_length", "seed",
+    "max_calibration_examples", "width_multiple", "min_width", "output_format", "batch_size", "max_length", "seed",
 )
 
 

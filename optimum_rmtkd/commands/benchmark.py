@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .base import CommandInfo, RMTKDBaseCommand, add_common_arguments, describe
+from optimum.commands.base import CommandInfo
+
+from .base import RMTKDBaseCommand, add_common_arguments, describe
 
 BACKENDS = ("pytorch", "pytorch-cuda", "onnxruntime-cpu", "onnxruntime-cuda")
 

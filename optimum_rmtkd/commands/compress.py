@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from optimum.commands.base import CommandInfo
+
 from .base import (
-    CommandInfo,
     RMTKDBaseCommand,
     add_common_arguments,
     add_config_arguments,
@@ -17,6 +18,7 @@ from .base import (
     describe,
     model_from_args,
     model_load_error,
+    task_from_args,
 )
 
 EXAMPLES = """examples:
@@ -80,12 +82,13 @@ class CompressCommand(RMTKDBaseCommand):
         if args.hub_model_id is not None and not args.push_to_hub:
             raise ValueError("`--hub-model-id` was given without `--push-to-hub`; add `--push-to-hub` to push.")
         config = config_from_args(args)
+        task = task_from_args(args, model)
 
         from ..analysis import format_table
         from ..compressor import RMTKDCompressor
 
         try:
-            compressor = RMTKDCompressor.from_pretrained(model, task=args.task, num_labels=args.num_labels)
+            compressor = RMTKDCompressor.from_pretrained(model, task=task, num_labels=args.num_labels)
         except OSError as error:
             raise model_load_error(model, error) from error
         result = compressor.compress(

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .base import CommandInfo, RMTKDBaseCommand, add_common_arguments, check_output_folder, describe
+from optimum.commands.base import CommandInfo
+
+from .base import RMTKDBaseCommand, add_common_arguments, check_output_folder, describe
 
 EXAMPLES = """examples:
   rmtkd export minilm-rmtkd                      # writes minilm-rmtkd/onnx, which `rmtkd push` uploads

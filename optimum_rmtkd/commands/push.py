@@ -5,7 +5,9 @@ import argparse
 import os
 from pathlib import Path
 
-from .base import CommandInfo, RMTKDBaseCommand, add_common_arguments, describe
+from optimum.commands.base import CommandInfo
+
+from .base import RMTKDBaseCommand, add_common_arguments, describe
 
 EXAMPLES = """examples:
   rmtkd push minilm-rmtkd --hub-model-id me/minilm-rmtkd

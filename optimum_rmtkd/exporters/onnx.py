@@ -1,10 +1,12 @@
 """ONNX export of a saved classifier, in the folder layout optimum's ONNX Runtime classes read, checked against PyTorch.
 
-The export goes through `torch.onnx.export(..., dynamo=True)` (the default since PyTorch 2.9): `torch.export` traces
-with symbolic batch, sequence and image sizes, so the dynamic axes hold by construction and anything that would
-specialise them fails at export time instead of silently. The TorchScript tracer (`dynamo=False`) records Python
-booleans computed from shapes in transformers' mask code as constants; measured here with transformers 5.24 on a
-tiny BERT, its ONNX file answered 1e-2 away from PyTorch at any shape other than the traced one, so it is not used.
+The export goes through `torch.onnx.export(..., dynamo=True)`, the default and maintained path since PyTorch 2.9:
+`torch.export` traces with symbolic batch, sequence and image sizes, so the dynamic axes hold by construction, and
+a model that would specialise one of them fails at export time instead of silently. The TorchScript tracer
+(`dynamo=False`, deprecated) records Python values computed from shapes as constants: with transformers 5.24 it
+warns about exactly that in `masking_utils` and the SDPA integration. Its file matched PyTorch on the tiny BERT
+tested here only because those branches take the same side at every shape tried. It exports 20x faster (0.1 s
+against 2-3 s), which does not outweigh a silent shape bug.
 
 Written folder (what `ORTModelForSequenceClassification.from_pretrained(folder)` expects):
 `model.onnx` (plus `model.onnx.data` above 2 GB), `config.json` and the tokenizer or image-processor files, and,
@@ -65,7 +67,7 @@ class ONNXExportResult:
     """What `export_onnx` wrote and how well it matched PyTorch.
 
     Args:
-        onnx_path (`Path`): the ONNX file to load (`model_optimized.onnx` when an optimisation or float16 was asked for).
+        onnx_path (`Path`): the ONNX file to load (`model_optimized.onnx` when optimised or converted to float16).
         max_abs_diff (`dict[str, float]`): max |ONNX Runtime − PyTorch| of the logits per validated shape
             (`"{batch}x{sequence length or image size}"`); empty when `validate=False`.
         passed (`bool` or `None`): whether every shape stayed within `atol`; `None` when not validated.
@@ -86,7 +88,9 @@ def read_config_dict(model_dir: PathLike) -> dict:
     """Read `config.json` of a saved model folder as a plain dict (no class lookup, so custom types need no code)."""
     config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"`model_dir` {str(model_dir)!r} has no config.json; pass a folder written by `save_pretrained`.")
+        raise ValueError(
+            f"`model_dir` {str(model_dir)!r} has no config.json; pass a folder written by `save_pretrained`."
+        )
     return json.loads(config_file.read_text(encoding="utf-8"))
 
 
@@ -300,7 +304,9 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise ValueError(f"`opset` must be at least {MIN_OPSET} (the dynamo exporter's lowest), got {opset}.")
     if optimization_level is not None and optimization_level not in OPTIMIZATION_LEVELS:
-        raise ValueError(f"`optimization_level` must be None or one of {OPTIMIZATION_LEVELS}, got {optimization_level!r}.")
+        raise ValueError(
+            f"`optimization_level` must be None or one of {OPTIMIZATION_LEVELS}, got {optimization_level!r}."
+        )
     resolved_model, resolved_output = model_dir.resolve(), output_dir.resolve()
     if resolved_output == resolved_model or resolved_output in resolved_model.parents:
         raise ValueError(
@@ -361,7 +367,10 @@ def _resolve_onnx_path(onnx_dir_or_path: PathLike) -> Path:
     if path.is_dir():
         path = path / ONNX_WEIGHTS_NAME
     if not path.is_file():
-        raise ValueError(f"`onnx_dir_or_path` {str(onnx_dir_or_path)!r} is neither an ONNX file nor a folder with {ONNX_WEIGHTS_NAME}.")
+        raise ValueError(
+            f"`onnx_dir_or_path` {str(onnx_dir_or_path)!r} is neither an ONNX file nor a folder with "
+            f"{ONNX_WEIGHTS_NAME}."
+        )
     return path
 
 

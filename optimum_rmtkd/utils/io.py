@@ -12,21 +12,34 @@ from typing import Any, Iterator, Union
 PathLike = Union[str, os.PathLike]
 
 
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and `os.replace` it into place."""
+def _umask_mode(directory: bool) -> int:
+    """The mode a plain `open`/`mkdir` would give under the current umask (`mkstemp`/`mkdtemp` force 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and `os.replace` it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _umask_mode(directory=False))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write UTF-8 `text` to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
@@ -48,6 +61,7 @@ def atomic_directory(final_dir: PathLike, overwrite: bool = False) -> Iterator[P
         )
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(dir=final_dir.parent, prefix=f".{final_dir.name}.", suffix=".tmp"))
+    os.chmod(tmp_dir, _umask_mode(directory=True))
     try:
         yield tmp_dir
         if final_dir.exists():

@@ -1,0 +1,203 @@
+"""ONNX export: the optimum folder layout, dynamic axes, validation against PyTorch, and every refusal."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from _models import NUM_LABELS, save_tiny_bert, save_tiny_resnet
+from onnx import numpy_helper
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+from optimum_rmtkd.exporters.onnx import (
+    ONNXExportResult,
+    RMTKDValidationError,
+    _convert_to_fp16,
+    export_onnx,
+    load_classification_model,
+    validate_onnx,
+)
+
+# Inputs of each graph, as optimum's ONNX configs name them: RoBERTa's single segment type drops token_type_ids.
+EXPECTED_INPUTS = {
+    "bert": ["input_ids", "attention_mask", "token_type_ids"],
+    "roberta": ["input_ids", "attention_mask"],
+    "distilbert": ["input_ids", "attention_mask"],
+    "resnet": ["pixel_values"],
+}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    dirs = {name: save_tiny_bert(root / name, name) for name in ("bert", "roberta", "distilbert")}
+    dirs["resnet"] = save_tiny_resnet(root / "resnet")
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def bert_export(model_dirs, tmp_path_factory):
+    return export_onnx(model_dirs["bert"], tmp_path_factory.mktemp("exports") / "bert-onnx")
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "distilbert", "resnet"])
+def test_export_writes_optimum_layout_and_validates(name, model_dirs, tmp_path):
+    output_dir = tmp_path / "onnx"
+    result = export_onnx(model_dirs[name], output_dir)
+
+    assert isinstance(result, ONNXExportResult)
+    assert result.onnx_path == output_dir / "model.onnx"
+    assert result.passed is True and result.opset == 18 and result.atol == 1e-4
+    # float32 graph against float32 PyTorch: only summation-order rounding, far below the 1e-4 tolerance.
+    assert set(result.max_abs_diff) == {"2x16", "3x37"}
+    assert all(0 <= diff < 1e-4 for diff in result.max_abs_diff.values())
+
+    files = {path.name for path in output_dir.iterdir()}
+    processor_files = {"preprocessor_config.json"} if name == "resnet" else {"tokenizer.json", "tokenizer_config.json"}
+    assert {"model.onnx", "config.json"} | processor_files <= files
+    assert "model.safetensors" not in files
+    assert AutoConfig.from_pretrained(output_dir).model_type == name
+    if name == "resnet":
+        AutoImageProcessor.from_pretrained(output_dir)
+    else:
+        AutoTokenizer.from_pretrained(output_dir)
+
+    model = onnx.load(str(result.onnx_path))
+    assert {entry.domain: entry.version for entry in model.opset_import}[""] == 18
+    session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == EXPECTED_INPUTS[name]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    # Dynamic axes are symbolic names, not the traced sizes.
+    if name == "resnet":
+        assert session.get_inputs()[0].shape == ["batch_size", 3, "height", "width"]
+        feed = {"pixel_values": np.zeros((5, 3, 23, 23), dtype=np.float32)}
+    else:
+        assert all(i.shape == ["batch_size", "sequence_length"] for i in session.get_inputs())
+        feed = {i.name: np.ones((5, 7), dtype=np.int64) for i in session.get_inputs()}
+    assert session.run(None, feed)[0].shape == (5, NUM_LABELS)
+
+
+def test_validation_fails_on_a_corrupted_graph(bert_export, model_dirs, tmp_path):
+    model = onnx.load(str(bert_export.onnx_path))
+    # Scale the classifier's weight: the graph stays well-formed, only its answers change. (A shift of the
+    # embeddings would not do: the LayerNorm after them removes any constant offset.)
+    target = next(tensor for tensor in model.graph.initializer if tensor.name == "classifier.weight")
+    corrupted = numpy_helper.to_array(target) * 2.0
+    target.CopyFrom(numpy_helper.from_array(corrupted.astype(np.float32), target.name))
+    corrupted_path = tmp_path / "corrupted.onnx"
+    onnx.save(model, str(corrupted_path))
+
+    with pytest.raises(RMTKDValidationError, match=r"max \|Δ\| = .* above `atol` = 1\.0e-04"):
+        validate_onnx(corrupted_path, model_dirs["bert"], atol=1e-4)
+    # The untouched export still passes, at other shapes and without padding too.
+    folder = bert_export.onnx_path.parent
+    diffs = validate_onnx(folder, model_dirs["bert"], shapes=((1, 5), (4, 64)), with_padding=False)
+    assert set(diffs) == {"1x5", "4x64"}
+
+
+def test_failed_validation_leaves_no_folder(model_dirs, tmp_path):
+    output_dir = tmp_path / "onnx"
+    # ResNet's float32 convolutions differ from PyTorch's by ~1e-7, so a 1e-12 tolerance must fail.
+    with pytest.raises(RMTKDValidationError, match=r"above `atol` = 1\.0e-12"):
+        export_onnx(model_dirs["resnet"], output_dir, atol=1e-12)
+    assert not output_dir.exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_graph_optimization_writes_optimized_file(model_dirs, tmp_path):
+    output_dir = tmp_path / "onnx"
+    result = export_onnx(model_dirs["distilbert"], output_dir, optimization_level="extended")
+    assert result.onnx_path == output_dir / "model_optimized.onnx"
+    assert (output_dir / "model.onnx").is_file() and result.onnx_path.is_file()
+    # Extended level fuses LayerNorm and GELU into ONNX Runtime's contrib ops.
+    domains = {node.domain for node in onnx.load(str(result.onnx_path)).graph.node}
+    assert "com.microsoft" in domains
+    assert all(diff < 1e-4 for diff in result.max_abs_diff.values())
+
+
+def test_fp16_conversion_keeps_float32_io(bert_export, tmp_path):
+    # export_onnx refuses fp16 on CPU; the conversion itself runs here on the CPU provider's fallbacks.
+    fp16_path = tmp_path / "model_fp16.onnx"
+    _convert_to_fp16(bert_export.onnx_path, fp16_path)
+    onnx.checker.check_model(str(fp16_path))
+    reference = ort.InferenceSession(str(bert_export.onnx_path), providers=["CPUExecutionProvider"])
+    half = ort.InferenceSession(str(fp16_path), providers=["CPUExecutionProvider"])
+    feed = {i.name: np.random.default_rng(0).integers(0, 100, (2, 9)) for i in reference.get_inputs()}
+    feed["token_type_ids"] = np.zeros((2, 9), dtype=np.int64)
+    expected, actual = reference.run(None, feed)[0], half.run(None, feed)[0]
+    assert actual.dtype == np.float32
+    # float16 keeps ~11 bits of mantissa: logits of size ~1 agree to ~1e-3.
+    np.testing.assert_allclose(actual, expected, atol=1e-2)
+
+
+def test_output_dir_must_not_be_or_contain_input(model_dirs):
+    with pytest.raises(ValueError, match=r"`output_dir` .* must differ from `model_dir` and not contain it"):
+        export_onnx(model_dirs["bert"], model_dirs["bert"])
+    with pytest.raises(ValueError, match=r"`output_dir` .* must differ from `model_dir` and not contain it"):
+        export_onnx(model_dirs["bert"], model_dirs["bert"].parent, overwrite=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"opset": 17}, r"`opset` must be at least 18 .*got 17"),
+        ({"optimization_level": "max"}, r"`optimization_level` must be None or one of .*got 'max'"),
+        ({"fp16": True}, r"`fp16=True` needs `device='cuda'`, got `device`='cpu'"),
+        ({"device": "tpu"}, r"`device` must be one of \('cpu', 'cuda'\), got 'tpu'"),
+        ({"atol": 0.0}, r"`atol` must be positive, got 0.0"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, message, model_dirs, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        export_onnx(model_dirs["bert"], tmp_path / "onnx", **kwargs)
+
+
+def test_opset_type_and_missing_config(tmp_path, model_dirs):
+    with pytest.raises(TypeError, match=r"`opset` must be an int, got str"):
+        export_onnx(model_dirs["bert"], tmp_path / "onnx", opset="18")
+    with pytest.raises(ValueError, match=r"`model_dir` .* has no config.json"):
+        export_onnx(tmp_path, tmp_path / "onnx")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")
+def test_cuda_device_needs_a_gpu(model_dirs, tmp_path):
+    with pytest.raises(ValueError, match=r"`device`='cuda' needs a GPU visible to PyTorch"):
+        export_onnx(model_dirs["bert"], tmp_path / "onnx", device="cuda")
+
+
+def test_existing_output_needs_overwrite(bert_export, model_dirs):
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        export_onnx(model_dirs["bert"], bert_export.onnx_path.parent)
+
+
+def test_load_classification_model_picks_the_auto_class(model_dirs):
+    assert type(load_classification_model(model_dirs["resnet"])).__name__ == "ResNetForImageClassification"
+    bert = load_classification_model(model_dirs["bert"])
+    assert type(bert).__name__ == "BertForSequenceClassification" and not bert.training
+    assert next(bert.parameters()).dtype == torch.float32
+
+
+def test_export_of_a_registered_per_layer_type(model_dirs, tmp_path):
+    # A compressed model saved in the per-layer format: `rmtkd_bert`, layer 0 with a 16-wide FFN, layer 1 with 37.
+    from optimum_rmtkd.modeling import per_layer_classes_for
+
+    config_class, model_class = per_layer_classes_for("bert")
+    config = config_class(
+        vocab_size=100, hidden_size=32, num_attention_heads=4, intermediate_size=37, num_hidden_layers=2,
+        max_position_embeddings=64, num_labels=NUM_LABELS, per_layer_config={0: {"intermediate_size": 16}},
+    )
+    model_dir = tmp_path / "rmtkd-bert"
+    model_class(config).eval().save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(model_dirs["bert"]).save_pretrained(model_dir)
+
+    result = export_onnx(model_dir, tmp_path / "onnx")
+    assert result.passed and all(diff < 1e-4 for diff in result.max_abs_diff.values())
+    assert AutoConfig.from_pretrained(tmp_path / "onnx").model_type == "rmtkd_bert"
+    # The FFN matrices keep their per-layer widths in the graph (the exporter may store them transposed).
+    ffn_shapes = sorted(
+        tuple(tensor.dims)
+        for tensor in onnx.load(str(result.onnx_path)).graph.initializer
+        if len(tensor.dims) == 2 and ({16, 37} & set(tensor.dims))
+    )
+    assert ffn_shapes == [(16, 32), (32, 16), (32, 37), (37, 32)]
