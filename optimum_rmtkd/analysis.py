@@ -34,7 +34,7 @@ from .configuration import RMTKDConfig
 from .covariance import SecondMomentAccumulator
 from .data import DatasetLike, calibration_subset, check_columns, load_split
 from .report import SiteReport, build_site_report, save_spectrum_plots
-from .rmt import ESTIMATORS, fit_spectrum, round_width
+from .rmt import ESTIMATORS, fit_spectrum
 from .tasks import get_task
 from .utils.import_utils import is_matplotlib_available
 from .utils.io import atomic_directory, atomic_write_json
@@ -217,11 +217,8 @@ def analyze_model(
         eigenvalues = pooled.eigh(centered=config.centered).eigenvalues.cpu().numpy()
         fit = fit_spectrum(eigenvalues, pooled.n_samples, **fit_kwargs)
         reports.append(build_site_report(site, fit, site.dim, eigenvalues))
-        num_heads = adapter.heads_constraint(model, site)
         asked[site.name] = {
-            name: round_width(min(max(rank, config.min_width), site.dim), site.dim, config.width_multiple,
-                              num_heads=num_heads)
-            for name, rank in reports[-1].ranks_by_estimator.items()
+            name: adapter.kept_width(model, site, rank, config) for name, rank in reports[-1].ranks_by_estimator.items()
         }
 
     saved: Dict[str, Dict[str, int]] = {site.name: {} for site in sites}

@@ -593,14 +593,15 @@ def _source_fingerprint(model_dir: Path) -> dict[str, Any]:
 
 
 def _onnx_model_path(model_dir: Path, cache_dir: Path) -> Path:
-    """`model_dir/model.onnx` when present, else an export into `cache_dir`.
+    """`model_dir/model.onnx` or `model_dir/onnx/model.onnx` (where `rmtkd export` writes) when present, else an
+    export into `cache_dir`.
 
     A cached export is reused only when `cache_dir/source.json` names the same folder with the same files (name,
     size, modification time), so a cache left by another model, or by an older save of this one, is replaced.
     """
-    own = model_dir / ONNX_WEIGHTS_NAME
-    if own.is_file():
-        return own
+    for own in (model_dir / ONNX_WEIGHTS_NAME, model_dir / "onnx" / ONNX_WEIGHTS_NAME):
+        if own.is_file():
+            return own
     cached, fingerprint_file = cache_dir / ONNX_WEIGHTS_NAME, cache_dir / "source.json"
     fingerprint = _source_fingerprint(model_dir)
     if cached.is_file() and fingerprint_file.is_file() and json.loads(fingerprint_file.read_text()) == fingerprint:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .adapters.base import CapturePoint
 from .covariance import SecondMomentAccumulator, reduce_accumulators
+from .utils.progress import progress_bars_enabled
 
 
 def _samples(tensor: torch.Tensor, layout: str, mask: Optional[torch.Tensor], sample_unit: str):
@@ -98,7 +99,7 @@ def collect_statistics(
     model.eval()
     device = device or next(model.parameters()).device
     collector = ActivationCollector(model, points, sample_unit)
-    disable = accelerator is not None and not accelerator.is_local_main_process
+    disable = not progress_bars_enabled(accelerator)
     with collector:
         for batch in tqdm(batches, desc="Calibrating", disable=disable, leave=False):
             inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}

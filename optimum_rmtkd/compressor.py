@@ -36,7 +36,7 @@ from .covariance import SecondMomentAccumulator
 from .data import DatasetLike, calibration_subset, check_columns, label_mapping, load_split
 from .distillation import evaluate_model, train
 from .report import REPORT_NAME, SiteReport, build_site_report, save_spectrum_plots
-from .rmt import fit_spectrum, round_width
+from .rmt import fit_spectrum
 from .saving import load_checkpoint, save_compressed_model, weights_size
 from .tasks import get_task
 from .utils.io import atomic_write_json
@@ -289,10 +289,7 @@ class _Run:
                 pooled.merge(stats[point.key])
             eig = pooled.eigh(centered=config.centered)
             fit = fit_spectrum(eig.eigenvalues.cpu().numpy(), pooled.n_samples, **config.estimator_kwargs())
-            width = round_width(
-                max(fit.rank, config.min_width), site.dim, config.width_multiple,
-                num_heads=self.adapter.heads_constraint(model, site), min_width=min(config.min_width, site.dim),
-            )
+            width = self.adapter.kept_width(model, site, fit.rank, config)
             widths[site.name] = width
             reports[site.name] = build_site_report(site, fit, width, eig.eigenvalues.cpu().numpy())
         # The saved format may tie widths together (the stock format: one config field for every layer).

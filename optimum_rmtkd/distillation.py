@@ -14,6 +14,7 @@ from transformers import get_linear_schedule_with_warmup
 from transformers.utils import logging
 
 from .configuration import RMTKDConfig
+from .utils.progress import progress_bars_enabled
 
 logger = logging.get_logger(__name__)
 
@@ -122,7 +123,7 @@ def train(
 
     model.train()
     step, done = 0, False
-    progress = tqdm(total=total_steps, desc=description, disable=not accelerator.is_local_main_process, leave=False)
+    progress = tqdm(total=total_steps, desc=description, disable=not progress_bars_enabled(accelerator), leave=False)
     while not done:
         for batch in dataloader:
             with accelerator.accumulate(model):

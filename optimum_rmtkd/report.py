@@ -40,11 +40,14 @@ class SiteReport:
 
 
 def build_site_report(site, fit: SpectrumFit, kept_width: int, eigenvalues: np.ndarray) -> SiteReport:
-    """Combine a site, its fit and the width actually used; every estimator's rank is added for comparison."""
+    """Combine a site, its fit and the width actually used; every estimator's rank is added for comparison.
+
+    The comparison fits do not log their own heavy-tail warnings: the chosen estimator's fit already did.
+    """
     ranks = {}
     for name in ESTIMATORS:
         params = {k: v for k, v in fit.params.items() if k in ("quantile", "alpha", "bins", "scale")}
-        ranks[name] = fit.rank if name == fit.estimator else fit_spectrum(eigenvalues, fit.n_samples, name, **params).rank
+        ranks[name] = fit.rank if name == fit.estimator else fit_spectrum(eigenvalues, fit.n_samples, name, warn=False, **params).rank
     return SiteReport(
         name=site.name, kind=site.kind, layer=site.layer, original_width=site.dim, rank=int(fit.rank),
         kept_width=int(kept_width), estimator=fit.estimator, sigma2=float(fit.sigma2), edge=float(fit.edge),

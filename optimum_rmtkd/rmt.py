@@ -642,6 +642,7 @@ def fit_spectrum(
     alpha: float = 0.005,
     bins: Optional[int] = None,
     scale: float = 1.0,
+    warn: bool = True,
 ) -> SpectrumFit:
     """Estimate the noise level of a second-moment spectrum and how many directions stand above its MP bulk.
 
@@ -718,7 +719,7 @@ def fit_spectrum(
     ks = _ks_distance(bulk, q, sigma2)
     ks_limit = max(HEAVY_TAIL_KS, _KS_CRITICAL_5PCT / math.sqrt(max(bulk.size, 1)))
     heavy_tailed = ks > ks_limit
-    if heavy_tailed:
+    if heavy_tailed and warn:
         logger.warning(
             f"Estimator `{estimator}` fits the spectrum (d={dim}, n={n}) poorly: the KS distance between its bulk "
             f"and the Marchenko-Pastur law is {ks:.3f} > {ks_limit:.3f}. The spectrum is heavy-tailed, so the kept "

@@ -84,6 +84,14 @@ class Adapter(ABC):
         """A divisor the site's width must keep (attention heads for a transformer's hidden width), else `None`."""
         return None
 
+    def kept_width(self, model: nn.Module, site: Site, rank: int, config: "RMTKDConfig") -> int:
+        """The width a site is cut to when its spectrum keeps `rank` directions: at least `config.min_width`,
+        rounded up to `config.width_multiple` (and the heads constraint), never above the site's width."""
+        from ..rmt import round_width
+
+        rank = min(max(rank, config.min_width), site.dim)
+        return round_width(rank, site.dim, config.width_multiple, num_heads=self.heads_constraint(model, site))
+
     def stock_groups(self, model: nn.Module, sites: Sequence[Site]) -> List[List[Site]]:
         """Split one kind's sites into the groups the stock format cuts together, one compressor stage each.
 

@@ -6,7 +6,7 @@ reduce, 3×3 and 1×1 expand; the last unit has no ReLU: the residual sum and it
 
 | site | config field | writers (output channels, with their BatchNorms) | readers (input channels) | kind |
 |---|---|---|---|---|
-| `resnet.embedder` stem, only when stage 0 projects its input | `embedding_size` | `resnet.embedder.embedder.convolution` | `S0.layers.0.layer.0.convolution`, `S0.layers.0.shortcut.convolution` | nonlinear |
+| `resnet.embedder` stem, only when stage 0 projects its input | `embedding_size` | `resnet.embedder.embedder.convolution` | `stages.0.layers.0.layer.0.convolution`, `stages.0.layers.0.shortcut.convolution` | nonlinear |
 | `S` residual width of stage s | `hidden_sizes[s]` (and `embedding_size` when stage 0 adds the stem output unprojected) | every `B.layer.{last}.convolution`, `S.layers.0.shortcut.convolution` (the stem conv when tied) | `B.layer.0.convolution` of every later block of the stage, the next stage's `layers.0.layer.0.convolution` and `layers.0.shortcut.convolution`, or `classifier.1` | nonlinear |
 | `B.layer.{j}` inner width of block i (j = 0, or 0 and 1 for a bottleneck) | stock: none of its own (basic: `hidden_sizes[s]`, bottleneck: `hidden_sizes[s] // 4`); per-layer: `per_layer_config[i]["inner_sizes"][j]` | `B.layer.{j}.convolution` | `B.layer.{j+1}.convolution` | nonlinear |
 
@@ -34,7 +34,7 @@ that would make stage 0's width equal to the stem's (where that block has a proj
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -129,7 +129,12 @@ def _site_stage(site: Site) -> Optional[int]:
 
 
 def _is_stage_site(site: Site) -> bool:
-    return site.name.startswith(STAGES) and site.name.count(".") == STAGES.count(".") + 1
+    return site.name.rpartition(".")[0] == STAGES
+
+
+def _inner_ratio(config) -> int:
+    """Stock residual width over stock inner width: 1 in a basic block, `reduction` (4) in a bottleneck."""
+    return BOTTLENECK_REDUCTION if config.layer_type == "bottleneck" else 1
 
 
 @register_adapter
@@ -145,23 +150,20 @@ class ResNetAdapter(Adapter):
         return not _blocks(model)[0].projected
 
     def sites(self, model: nn.Module) -> List[Site]:
+        """Deepest stage first, each stage's residual width before its blocks' inner widths, the stem last.
+
+        The deep stages hold most parameters (the last stage of a ResNet-20 about three quarters) and the narrow
+        early ones are the most sensitive to losing channels; since a stage that costs too much accuracy stops the
+        run, going deepest first spends the accuracy budget where the parameters are. Measured on ResNet-20s
+        trained on Fashion-MNIST (`benchmarks/resnet_fashion_mnist.py`): halving stage 0 (16 → 8 channels, 5% of
+        the parameters) cost 1.7 to 3.5 validation points after a distillation epoch (cut first, it stopped the run
+        at 0% reduction), while halving stage 2 (64 → 32) removed 55% of the parameters at no validation loss.
+        """
         blocks = _blocks(model)
         n_stages = len(model.config.depths)
         tied = self._stem_tied(model)
         sites: List[Site] = []
-        if not tied:
-            first = blocks[0]
-            readers = (f"{first.unit(0)}.convolution", f"{first.path}.shortcut.convolution")
-            sites.append(
-                Site(
-                    name=STEM, kind="channels", dim=_conv(model, STEM_UNIT).out_channels,
-                    config_field="embedding_size", layer=None, path="nonlinear",
-                    captures=(CapturePoint(STEM, layout="image"),),
-                    writers=(f"{STEM_UNIT}.convolution",), readers=readers, norms=(f"{STEM_UNIT}.normalization",),
-                    extra_captures=tuple(_input(path, model.get_submodule(path)) for path in readers),
-                )
-            )
-        for stage in range(n_stages):
+        for stage in reversed(range(n_stages)):
             stage_blocks = [block for block in blocks if block.stage == stage]
             writers = [f"{block.unit(block.units - 1)}.convolution" for block in stage_blocks]
             norms = [f"{block.unit(block.units - 1)}.normalization" for block in stage_blocks]
@@ -203,6 +205,18 @@ class ResNetAdapter(Adapter):
                             norms=(f"{block.unit(j)}.normalization",),
                         )
                     )
+        if not tied:
+            first = blocks[0]
+            readers = (f"{first.unit(0)}.convolution", f"{first.path}.shortcut.convolution")
+            sites.append(
+                Site(
+                    name=STEM, kind="channels", dim=_conv(model, STEM_UNIT).out_channels,
+                    config_field="embedding_size", layer=None, path="nonlinear",
+                    captures=(CapturePoint(STEM, layout="image"),),
+                    writers=(f"{STEM_UNIT}.convolution",), readers=readers, norms=(f"{STEM_UNIT}.normalization",),
+                    extra_captures=tuple(_input(path, model.get_submodule(path)) for path in readers),
+                )
+            )
         return sites
 
     # --- what the saved formats can express -------------------------------------------------------------------
@@ -219,32 +233,26 @@ class ResNetAdapter(Adapter):
         """Stock: per stage, the residual width is the widest asked (an inner width w asks for w, or 4w in a
         bottleneck) and the inner widths follow it. Both formats: keep stage 0's shortcut projection (see above)."""
         widths = dict(widths)
-        blocks = _blocks(model)
+        ratio = _inner_ratio(model.config)
         if output_format == "stock":
-            ratio = BOTTLENECK_REDUCTION if model.config.layer_type == "bottleneck" else 1
             for group in self.stock_groups(model, sites):
-                stage = _site_stage(group[0])
-                if stage is None:
-                    continue
                 stage_site = next((site for site in group if _is_stage_site(site)), None)
-                asked = [ratio * widths[site.name] for site in group if site is not stage_site]
                 if stage_site is not None:
+                    asked = [ratio * widths[site.name] for site in group if site is not stage_site]
                     widths[stage_site.name] = max([widths[stage_site.name]] + asked)
-        self._keep_stage0_projection(model, sites, widths, blocks)
+        self._keep_stage0_projection(model, sites, widths)
         if output_format == "stock":
-            ratio = BOTTLENECK_REDUCTION if model.config.layer_type == "bottleneck" else 1
-            current = {site.name: site.dim for site in self.sites(model)}
             for site in sites:
                 stage = _site_stage(site)
                 if stage is not None and not _is_stage_site(site):
-                    stage_name = f"{STAGES}.{stage}"
-                    widths[site.name] = widths.get(stage_name, current[stage_name]) // ratio
+                    widths[site.name] = widths.get(f"{STAGES}.{stage}", model.config.hidden_sizes[stage]) // ratio
         return widths
 
-    def _keep_stage0_projection(self, model, sites: Sequence[Site], widths: Dict[str, int], blocks) -> None:
+    @staticmethod
+    def _keep_stage0_projection(model, sites: Sequence[Site], widths: Dict[str, int]) -> None:
         """Widen by one channel a cut that would make stage 0's projected first block see equal widths at stride 1:
         the stock classes would then build it without its shortcut projection."""
-        first = blocks[0]
+        first = _blocks(model)[0]
         if not first.projected or model.config.downsample_in_first_stage:
             return
         stage0 = f"{STAGES}.0"
@@ -292,8 +300,7 @@ class ResNetAdapter(Adapter):
                 weight = refit_conv_weight(reader.weight, sigma, keep, config.ridge)
                 set_submodule(model, path, slice_conv2d(reader, keep_in=keep, weight=weight))
 
-    @staticmethod
-    def _record_widths(model, sites: Sequence[Site], widths: Dict[str, int]) -> None:
+    def _record_widths(self, model, sites: Sequence[Site], widths: Dict[str, int]) -> None:
         """Write the new stem and stage widths into the config fields that hold them."""
         hidden_sizes = list(model.config.hidden_sizes)
         for site in sites:
@@ -302,18 +309,13 @@ class ResNetAdapter(Adapter):
             elif _is_stage_site(site):
                 stage = _site_stage(site)
                 hidden_sizes[stage] = int(widths[site.name])
-                if "embedding_size" in site.config_field:
+                if stage == 0 and self._stem_tied(model):
                     model.config.embedding_size = int(widths[site.name])
         model.config.hidden_sizes = hidden_sizes
 
     @staticmethod
     def _inner_widths(model, block: _Block) -> List[int]:
         return [_conv(model, block.unit(j)).out_channels for j in range(block.units - 1)]
-
-    @staticmethod
-    def _stock_inner_width(config, stage: int) -> int:
-        ratio = BOTTLENECK_REDUCTION if config.layer_type == "bottleneck" else 1
-        return config.hidden_sizes[stage] // ratio
 
     def _check_shortcuts(self, model) -> None:
         config = model.config
@@ -330,7 +332,7 @@ class ResNetAdapter(Adapter):
 
     def _check_stock(self, model) -> None:
         for block in _blocks(model):
-            expected = self._stock_inner_width(model.config, block.stage)
+            expected = model.config.hidden_sizes[block.stage] // _inner_ratio(model.config)
             actual = self._inner_widths(model, block)
             if any(width != expected for width in actual):
                 raise ValueError(

@@ -142,6 +142,18 @@ class TransformerEncoderAdapter(Adapter):
     def heads_constraint(self, model: nn.Module, site: Site) -> Optional[int]:
         return int(getattr(model.config, self.layout.heads_field)) if site.kind == "hidden" else None
 
+    def kept_width(self, model: nn.Module, site: Site, rank: int, config: RMTKDConfig) -> int:
+        """For the hidden width, align each head's size (hidden / heads) to `width_multiple`: attention runs as
+        per-head matmuls of that inner size, and a 14-wide head (168 / 12) wastes the vector units a 16-wide one
+        fills."""
+        if site.kind != "hidden":
+            return super().kept_width(model, site, rank, config)
+        from ..rmt import round_width
+
+        heads = self.heads_constraint(model, site)
+        rank = min(max(rank, config.min_width), site.dim)
+        return round_width(rank, site.dim, config.width_multiple * heads, num_heads=heads)
+
     # --- surgery ---------------------------------------------------------------------------------------------
     def reduce(self, model, sites, widths, stats, config: RMTKDConfig) -> None:
         for site in sites:

@@ -137,3 +137,14 @@ def test_unsupported_model_lists_supported_types():
     with pytest.raises(ValueError, match=r"no adapter for model type 'gpt2' .*supported model types are bert, "
                                          r"distilbert, .*roberta.*optimum_rmtkd/adapters/"):
         get_adapter(model)
+
+
+def test_kept_width_aligns_heads_for_the_hidden_width(bert_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(bert_dir)
+    adapter = get_adapter(model)
+    hidden, ffn = adapter.sites(model)[:2]
+    config = RMTKDConfig(width_multiple=2, min_width=1)
+    # 4 heads × multiple 2: the hidden width steps by 8 so each head's size stays a multiple of 2.
+    assert [adapter.kept_width(model, hidden, r, config) for r in (1, 9, 17, 30)] == [8, 16, 24, 32]
+    assert [adapter.kept_width(model, ffn, r, config) for r in (0, 9, 36, 37)] == [2, 10, 36, 37]
+    assert adapter.kept_width(model, ffn, 3, RMTKDConfig(min_width=64)) == 37  # never above the site's width
