@@ -53,6 +53,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sites", nargs="+", default=["hidden", "ffn"])
     parser.add_argument("--max-metric-drop", type=float, default=0.015)
     parser.add_argument("--control", action="store_true", help="also train the self-distilled control")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse a finished compression in <output-dir>/compressed instead of compressing again")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -80,14 +82,18 @@ def main(argv=None) -> None:
     original = AutoModelForSequenceClassification.from_pretrained(original_dir)
     original_test = evaluate_model(original, data["test"], accelerator, None)
 
-    start = time.perf_counter()
-    compressor = RMTKDCompressor.from_pretrained(original_dir)
-    result = compressor.compress(
-        splits["train"], splits["validation"], config, save_directory=out / "compressed", test_dataset=splits["test"],
-        overwrite=True,
-    )
-    timings["compress_s"] = time.perf_counter() - start
-    report = result.report
+    report_path = out / "compressed" / "rmtkd_report.json"
+    if args.reuse and report_path.is_file():
+        report = json.loads(report_path.read_text())
+    else:
+        start = time.perf_counter()
+        compressor = RMTKDCompressor.from_pretrained(original_dir)
+        result = compressor.compress(
+            splits["train"], splits["validation"], config, save_directory=out / "compressed",
+            test_dataset=splits["test"], overwrite=True,
+        )
+        timings["compress_s"] = time.perf_counter() - start
+        report = result.report
     distill_epochs = sum(1 for s in report["stages"] if s["metric_after_distillation"] is not None) * args.distillation_epochs
 
     control_test = None
