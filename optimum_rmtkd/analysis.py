@@ -28,10 +28,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers.utils import logging
 
-from .adapters import Adapter, Site, get_adapter
+from .adapters import get_adapter
 from .calibration import collect_statistics
 from .configuration import RMTKDConfig
-from .covariance import SecondMomentAccumulator
+from .covariance import merged
 from .data import DatasetLike, calibration_subset, check_columns, load_split
 from .report import SiteReport, build_site_report, save_spectrum_plots
 from .rmt import ESTIMATORS, fit_spectrum
@@ -141,22 +141,6 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def stage_groups(adapter: Adapter, model: nn.Module, sites: Sequence[Site], config: RMTKDConfig) -> List[List[Site]]:
-    """The sites `compress` cuts together, in stage order: per kind of `config.sites`, the adapter's stock groups
-    (sites that share a config field), or one site at a time in the per-layer format (the hidden width, shared by
-    every layer, stays one group)."""
-    groups: List[List[Site]] = []
-    for kind in config.sites:
-        of_kind = [site for site in sites if site.kind == kind]
-        if not of_kind:
-            continue
-        if config.output_format == "per-layer" and kind != "hidden":
-            groups.extend([site] for site in of_kind)
-        else:
-            groups.extend(adapter.stock_groups(model, of_kind))
-    return groups
-
-
 def analyze_model(
     model: nn.Module,
     preprocessor: Any,
@@ -189,12 +173,8 @@ def analyze_model(
     config = config or RMTKDConfig()
     spec = get_task(task)
     adapter = get_adapter(model)
-    sites = [site for site in adapter.sites(model) if site.kind in config.sites]
-    if not sites:
-        raise ValueError(
-            f"`sites={list(config.sites)}` selects no site of {type(model).__name__}; its site kinds are "
-            f"{', '.join(sorted({site.kind for site in adapter.sites(model)}))}."
-        )
+    groups = adapter.stages(model, config)
+    sites = [site for group in groups for site in group]
     columns = {"text": text_column, "text_pair": text_pair_column, "image": image_column, "label": None}
     data = load_split(dataset, "train")
     check_columns(data, [columns[spec.input_column], text_pair_column], "dataset")
@@ -211,9 +191,7 @@ def analyze_model(
     asked: Dict[str, Dict[str, int]] = {}
     fit_kwargs = config.estimator_kwargs()
     for site in sites:
-        pooled = SecondMomentAccumulator(site.dim, device=stats[site.captures[0].key].sum.device)
-        for point in site.captures:
-            pooled.merge(stats[point.key])
+        pooled = merged([stats[point.key] for point in site.captures])
         eigenvalues = pooled.eigh(centered=config.centered).eigenvalues.cpu().numpy()
         fit = fit_spectrum(eigenvalues, pooled.n_samples, **fit_kwargs)
         reports.append(build_site_report(site, fit, site.dim, eigenvalues))
@@ -222,7 +200,7 @@ def analyze_model(
         }
 
     saved: Dict[str, Dict[str, int]] = {site.name: {} for site in sites}
-    for group in stage_groups(adapter, model, sites, config):
+    for group in groups:
         for name in ESTIMATORS:
             widths = adapter.expressible_widths(
                 model, group, {site.name: asked[site.name][name] for site in group}, config.output_format

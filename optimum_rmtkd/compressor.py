@@ -16,7 +16,7 @@ import copy
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -31,11 +31,11 @@ from transformers.utils import logging
 
 from .adapters import Site, get_adapter
 from .calibration import collect_statistics, process_shard
-from .configuration import CONFIG_NAME, RMTKDConfig
-from .covariance import SecondMomentAccumulator
+from .configuration import RMTKDConfig
+from .covariance import merged
 from .data import DatasetLike, calibration_subset, check_columns, label_mapping, load_split
 from .distillation import evaluate_model, train
-from .report import REPORT_NAME, SiteReport, build_site_report, save_spectrum_plots
+from .report import SiteReport, build_site_report, save_spectrum_plots
 from .rmt import fit_spectrum
 from .saving import load_checkpoint, save_compressed_model, weights_size
 from .tasks import get_task
@@ -260,33 +260,16 @@ class _Run:
                               self.metric)
 
     def schedule(self, model: nn.Module) -> List[List[str]]:
-        """Stages as lists of site names. Stock widths are one config field for all layers, so every site of a kind
-        is cut in one stage; the per-layer format goes layer by layer, as the paper does."""
-        sites = self.adapter.sites(model)
-        stages: List[List[str]] = []
-        for kind in self.config.sites:
-            kind_sites = [s for s in sites if s.kind == kind]
-            if not kind_sites:
-                continue
-            if self.config.output_format == "per-layer" and kind != "hidden":
-                stages.extend([s.name] for s in kind_sites)
-            else:
-                stages.extend([s.name for s in group] for group in self.adapter.stock_groups(model, kind_sites))
-        if not stages:
-            raise ValueError(
-                f"`sites={list(self.config.sites)}` selects no site of {type(model).__name__}; its site kinds are "
-                f"{', '.join(sorted({s.kind for s in sites}))}."
-            )
-        return stages
+        """Stages as lists of site names (see `Adapter.stages`): stock widths are one config field per group of
+        layers, so a group is cut in one stage; the per-layer format goes layer by layer, as the paper does."""
+        return [[site.name for site in group] for group in self.adapter.stages(model, self.config)]
 
     def decide_widths(self, model, sites: Sequence[Site], stats) -> tuple[Dict[str, int], Dict[str, SiteReport]]:
         config = self.config
         widths: Dict[str, int] = {}
         reports: Dict[str, SiteReport] = {}
         for site in sites:
-            pooled = SecondMomentAccumulator(site.dim, device=stats[site.captures[0].key].sum.device)
-            for point in site.captures:
-                pooled.merge(stats[point.key])
+            pooled = merged([stats[point.key] for point in site.captures])
             eig = pooled.eigh(centered=config.centered)
             fit = fit_spectrum(eig.eigenvalues.cpu().numpy(), pooled.n_samples, **config.estimator_kwargs())
             width = self.adapter.kept_width(model, site, fit.rank, config)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -108,6 +108,16 @@ class SecondMomentAccumulator:
                 f"At least 2 samples are needed to estimate a second moment, got {self.n_samples}; "
                 "use a larger calibration set."
             )
+
+
+def merged(accumulators: Sequence["SecondMomentAccumulator"]) -> "SecondMomentAccumulator":
+    """A new accumulator holding the pooled samples of several equal-width accumulators (e.g. a site read at
+    several points); the inputs are left unchanged."""
+    first = accumulators[0]
+    pooled = SecondMomentAccumulator(first.dim, device=first.sum.device)
+    for acc in accumulators:
+        pooled.merge(acc)
+    return pooled
 
 
 def reduce_accumulators(accumulators: Dict[str, SecondMomentAccumulator], accelerator) -> None:

@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import NUM_LABELS, save_tiny_bert, save_tiny_resnet  # noqa: E402,F401
+from _models import NUM_LABELS, save_tiny_bert  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

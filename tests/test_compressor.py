@@ -1,7 +1,6 @@
 """RMTKDCompressor end to end on tiny models: outputs, reload equality, resume, stop rules and input errors."""
 import json
 
-import datasets
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification

@@ -14,7 +14,6 @@ from torch import nn
 if TYPE_CHECKING:
     from ..configuration import RMTKDConfig
     from ..covariance import SecondMomentAccumulator
-    from ..rmt import SpectrumFit
 
 
 @dataclass(frozen=True)
@@ -100,6 +99,27 @@ class Adapter(ABC):
         stage) returns a group per field, so each is cut and distilled in its own stage.
         """
         return [list(sites)]
+
+    def stages(self, model: nn.Module, config: "RMTKDConfig") -> List[List[Site]]:
+        """The sites `compress` cuts together, in stage order: for each kind of `config.sites`, the stock groups
+        (sites sharing a config field), or one site at a time in the per-layer format (the hidden width, shared by
+        every layer, stays one group)."""
+        sites = self.sites(model)
+        groups: List[List[Site]] = []
+        for kind in config.sites:
+            of_kind = [site for site in sites if site.kind == kind]
+            if not of_kind:
+                continue
+            if config.output_format == "per-layer" and kind != "hidden":
+                groups.extend([site] for site in of_kind)
+            else:
+                groups.extend(self.stock_groups(model, of_kind))
+        if not groups:
+            raise ValueError(
+                f"`sites={list(config.sites)}` selects no site of {type(model).__name__}; its site kinds are "
+                f"{', '.join(sorted({s.kind for s in sites}))}."
+            )
+        return groups
 
     def expressible_widths(
         self, model: nn.Module, sites: Sequence[Site], widths: Dict[str, int], output_format: str

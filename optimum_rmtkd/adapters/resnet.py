@@ -41,7 +41,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..configuration import RMTKDConfig
-from ..covariance import SecondMomentAccumulator
+from ..covariance import merged
 from ..projection import (
     refit_reader_weight,
     select_channels,
@@ -97,14 +97,6 @@ def _conv(model: nn.Module, unit: str) -> nn.Conv2d:
 def _input(path: str, module: nn.Module) -> CapturePoint:
     """Where a reader's input is captured: a feature map for a convolution, pooled vectors for the classifier."""
     return CapturePoint(path, side="input", layout="vector" if isinstance(module, nn.Linear) else "image")
-
-
-def _pooled(stats: Dict[str, SecondMomentAccumulator], points: Sequence[CapturePoint]) -> SecondMomentAccumulator:
-    first = stats[points[0].key]
-    pooled = SecondMomentAccumulator(first.dim, device=first.sum.device)
-    for point in points:
-        pooled.merge(stats[point.key])
-    return pooled
 
 
 def refit_conv_weight(
@@ -284,7 +276,7 @@ class ResNetAdapter(Adapter):
         return self._to_per_layer(model)
 
     def _reduce_site(self, model, site: Site, width: int, stats, config: RMTKDConfig) -> None:
-        eig = _pooled(stats, site.captures).eigh(centered=config.centered)
+        eig = merged([stats[point.key] for point in site.captures]).eigh(centered=config.centered)
         keep = select_channels(eig.eigenvectors, width)
         for path in site.writers:
             set_submodule(model, path, slice_conv2d(model.get_submodule(path), keep_out=keep))

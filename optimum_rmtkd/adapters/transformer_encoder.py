@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..configuration import RMTKDConfig
-from ..covariance import SecondMomentAccumulator
+from ..covariance import merged
 from ..projection import (
     blocks,
     refit_reader_weight,
@@ -64,15 +64,6 @@ class EncoderLayout:
     intermediate_field: str
     heads_field: str
     layers_field: str
-
-
-def _merged(stats: Dict[str, SecondMomentAccumulator], points: Sequence[CapturePoint]) -> SecondMomentAccumulator:
-    """One accumulator holding the pooled samples of several capture points of equal width."""
-    first = stats[points[0].key]
-    pooled = SecondMomentAccumulator(first.dim, device=first.sum.device)
-    for point in points:
-        pooled.merge(stats[point.key])
-    return pooled
 
 
 class TransformerEncoderAdapter(Adapter):
@@ -207,7 +198,7 @@ class TransformerEncoderAdapter(Adapter):
 
     def _reduce_hidden(self, model, site: Site, width: int, stats, config: RMTKDConfig) -> None:
         lay, ridge = self.layout, config.ridge
-        eig = _merged(stats, site.captures).eigh(centered=config.centered)
+        eig = merged([stats[p.key] for p in site.captures]).eigh(centered=config.centered)
         keep = select_channels(eig.eigenvectors, width)
         heads = int(getattr(model.config, lay.heads_field))
         old_head_dim, new_head_dim = site.dim // heads, width // heads
