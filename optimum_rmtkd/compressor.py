@@ -404,11 +404,15 @@ class _Run:
 
         reduction = 1 - record["parameters"] / state["parameters_original"]
         if config.max_metric_drop is not None and state["baseline_metric"] - metric > config.max_metric_drop:
-            state["stop_reason"] = (
-                f"validation metric {metric:.4f} fell more than {config.max_metric_drop} below the uncompressed "
-                f"{state['baseline_metric']:.4f}; kept the previous stage"
-            )
             record["reverted"] = True
+            if config.on_metric_drop == "stop":
+                state["stop_reason"] = (
+                    f"validation metric {metric:.4f} fell more than {config.max_metric_drop} below the uncompressed "
+                    f"{state['baseline_metric']:.4f}; kept the previous stage"
+                )
+            else:
+                logger.warning("Stage %d undone: validation metric %.4f fell more than %s below %.4f; going on.",
+                               index + 1, metric, config.max_metric_drop, state["baseline_metric"])
             return teacher
         if config.target_reduction is not None and reduction >= config.target_reduction:
             state["stop_reason"] = f"target reduction {config.target_reduction:.0%} reached ({reduction:.1%})"

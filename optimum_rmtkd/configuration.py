@@ -14,6 +14,7 @@ SAMPLE_UNITS = ("tokens", "cls", "mean")
 SITE_KINDS = ("hidden", "ffn", "channels")
 OUTPUT_FORMATS = ("stock", "per-layer")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+METRIC_DROP_ACTIONS = ("stop", "skip")
 CONFIG_NAME = "rmtkd_config.json"
 
 
@@ -76,6 +77,9 @@ class RMTKDConfig:
         target_reduction (`float`, *optional*): stop once the parameter reduction reaches this share (0–1).
         max_metric_drop (`float`, *optional*, defaults to 0.015): stop, and keep the previous stage, when the
             validation metric falls more than this below the uncompressed model.
+        on_metric_drop (`str`, *optional*, defaults to `"stop"`): what a stage that breaks `max_metric_drop`
+            does after it is undone: `stop` the run (the paper's rule) or `skip` it and go on with the next stage
+            (useful when one site, e.g. a CNN's first stage, is fragile and later ones are not).
         max_kept_ratio (`float`, *optional*, defaults to 0.9): a site whose kept width would be at least this
             share of its width is left alone (nothing to gain).
         max_stages (`int`, *optional*): stop after this many reductions.
@@ -111,6 +115,7 @@ class RMTKDConfig:
     trigger_metric: Optional[float] = None
     target_reduction: Optional[float] = None
     max_metric_drop: Optional[float] = 0.015
+    on_metric_drop: str = "stop"
     max_kept_ratio: float = 0.9
     max_stages: Optional[int] = None
     seed: int = 42
@@ -121,6 +126,7 @@ class RMTKDConfig:
         _check_choice("sample_unit", self.sample_unit, SAMPLE_UNITS)
         _check_choice("output_format", self.output_format, OUTPUT_FORMATS)
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        _check_choice("on_metric_drop", self.on_metric_drop, METRIC_DROP_ACTIONS)
         if not self.sites:
             raise ValueError("`sites` must name at least one site kind, got an empty sequence.")
         for kind in self.sites:

@@ -115,6 +115,23 @@ def test_metric_drop_keeps_the_previous_stage(bert_dir, text_splits, tmp_path):
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").config.hidden_size == 32
 
 
+def test_metric_drop_can_skip_a_stage_and_go_on(bert_dir, text_splits, tmp_path):
+    # baseline; stage 1 (hidden) before/after: a drop, undone; stage 2 (ffn) before/after: fine; final.
+    scores = iter([0.9, 0.5, 0.1, 0.9, 0.9, 0.9])
+
+    def metric(predictions, references):
+        return next(scores)
+
+    config = RMTKDConfig(**{**FAST, "max_metric_drop": 0.05, "on_metric_drop": "skip"})
+    result = RMTKDCompressor.from_pretrained(bert_dir).compress(
+        text_splits["train"], text_splits["validation"], config, save_directory=tmp_path / "out", metric=metric
+    )
+    assert [s.get("reverted", False) for s in result.report["stages"]] == [True, False]
+    assert result.report["stop_reason"] == "no site left"
+    assert result.model.config.hidden_size == 32  # the hidden cut was undone
+    assert result.model.config.intermediate_size < 37  # the FFN cut was kept
+
+
 def test_target_reduction_stops_early(bert_dir, text_splits, tmp_path):
     result = _compress(bert_dir, text_splits, tmp_path / "out", target_reduction=0.05)
     assert len(result.report["stages"]) == 1

@@ -20,15 +20,13 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 
 from optimum.commands.base import BaseOptimumCLICommand
 
+from ..configuration import METRIC_DROP_ACTIONS, MIXED_PRECISIONS, OUTPUT_FORMATS, SAMPLE_UNITS, SITE_KINDS
+from ..rmt import ESTIMATORS
+from ..tasks import TASKS
+
 if TYPE_CHECKING:
     from ..configuration import RMTKDConfig
 
-ESTIMATORS = ("paper", "mp-median", "gavish-donoho", "kritchman-nadler", "mppca")
-SAMPLE_UNITS = ("tokens", "cls", "mean")
-SITE_KINDS = ("hidden", "ffn", "channels")
-OUTPUT_FORMATS = ("stock", "per-layer")
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
-TASKS = ("text-classification", "image-classification")
 DATASET_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
 # Errors a user can fix from the message alone: shown as one line, without a traceback unless `--debug`.
@@ -220,7 +218,7 @@ def add_dataset_column_arguments(parser: argparse.ArgumentParser, labels: bool =
     if labels:
         group.add_argument("--label-column", default="label",
                            help="Column with the class labels, ids or names (default: label).")
-    group.add_argument("--task", default=None, choices=TASKS,
+    group.add_argument("--task", default=None, choices=sorted(TASKS),
                        help="The task, which picks the model class and preprocessing (default: image-classification "
                             "for a model whose config has `num_channels`, else text-classification).")
 
@@ -284,6 +282,8 @@ CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
     ConfigFlag("target_reduction", float, None, "Stop once this share (0-1) of the parameters is removed."),
     ConfigFlag("max_metric_drop", _optional_float, 0.015, "Stop, keeping the previous stage, when the validation "
                "metric falls more than this below the uncompressed model; `none` switches the rule off."),
+    ConfigFlag("on_metric_drop", str, "stop", "What a stage that breaks --max-metric-drop does: `stop` the run "
+               "(the paper's rule) or `skip` that stage (undo it) and go on with the next.", choices=METRIC_DROP_ACTIONS),
     ConfigFlag("max_stages", int, None, "Stop after this many reductions."),
     ConfigFlag("mixed_precision", str, "no", "Mixed precision of training (passed to accelerate).",
                choices=MIXED_PRECISIONS),
