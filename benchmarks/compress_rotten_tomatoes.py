@@ -47,11 +47,13 @@ def main(argv=None) -> None:
     parser.add_argument("--max-eval", type=int, default=None, help="subsample validation/test (default: all)")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--finetune-epochs", type=float, default=1.0)
-    parser.add_argument("--distillation-epochs", type=float, default=1.0)
+    parser.add_argument("--distillation-epochs", type=float, default=2.0)
     parser.add_argument("--estimator", default="mp-median")
     parser.add_argument("--quantile", type=float, default=0.5)
-    parser.add_argument("--sites", nargs="+", default=["hidden", "ffn"])
+    parser.add_argument("--sites", nargs="+", default=["ffn", "hidden"])
     parser.add_argument("--max-metric-drop", type=float, default=0.015)
+    parser.add_argument("--on-metric-drop", choices=("stop", "skip"), default="skip",
+                        help="undo a stage that breaks --max-metric-drop and stop, or skip it and go on")
     parser.add_argument("--control", action="store_true", help="also train the self-distilled control")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse a finished compression in <output-dir>/compressed instead of compressing again")
@@ -62,7 +64,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     config = RMTKDConfig(
         estimator=args.estimator, quantile=args.quantile, sites=tuple(args.sites), max_length=args.max_length,
-        distillation_epochs=args.distillation_epochs, max_metric_drop=args.max_metric_drop, seed=args.seed,
+        distillation_epochs=args.distillation_epochs, max_metric_drop=args.max_metric_drop,
+        on_metric_drop=args.on_metric_drop, seed=args.seed,
         learning_rate=5e-5, batch_size=32,
     )
     splits = load_rotten_tomatoes(args.max_train, args.max_eval, seed=args.seed)
