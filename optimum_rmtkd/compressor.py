@@ -283,12 +283,18 @@ class _Run:
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def save_checkpoint(self, model: nn.Module, state: Dict[str, Any]) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        stage_dir = self.checkpoints / f"stage-{state['completed_stages']}"
-        save_compressed_model(model, self.compressor.preprocessor, stage_dir, self.config.output_format, overwrite=True)
-        state = dict(state, checkpoint=stage_dir.name)
-        atomic_write_json(self.checkpoints / STATE_NAME, state)
+        """Save the model after a stage, then point the state file at it; only then drop the older stage folder, so
+        an interruption at any moment leaves a state file naming a complete checkpoint."""
+        if self.accelerator.is_main_process:
+            stage_dir = self.checkpoints / f"stage-{state['completed_stages']}"
+            save_compressed_model(
+                model, self.compressor.preprocessor, stage_dir, self.config.output_format, overwrite=True
+            )
+            atomic_write_json(self.checkpoints / STATE_NAME, dict(state, checkpoint=stage_dir.name))
+            for old in self.checkpoints.glob("stage-*"):
+                if old != stage_dir:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
 
     def load_state(self) -> Optional[Dict[str, Any]]:
         path = self.checkpoints / STATE_NAME

@@ -83,6 +83,7 @@ def test_interrupted_run_resumes_from_its_last_stage(bert_dir, text_splits, tmp_
         _compress(bert_dir, text_splits, tmp_path / "out")
     state = json.loads((tmp_path / "out.checkpoints" / "rmtkd_state.json").read_text())
     assert state["completed_stages"] == 1 and not (tmp_path / "out").exists()
+    assert [p.name for p in (tmp_path / "out.checkpoints").glob("stage-*")] == ["stage-1"]  # older stages dropped
 
     stages_run = []
     real_run_stage = compressor_module._Run.run_stage
