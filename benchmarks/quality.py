@@ -449,7 +449,7 @@ def summarise(entry: Dict[str, Any]) -> Dict[str, Any]:
                 versus_control[arm] = paired_difference(results[arm], results["control"], "")
     layer_drop_reference = None
     if LAYER_DROP_ARM in arms:
-        candidates = [a for a in arms if a.startswith("qr_")]
+        candidates = [a for a in arms if a.startswith("qr_") and split_arm(a)[1] in ESTIMATOR_RULES]
         if candidates:
             layer_drop_reference = min(
                 candidates, key=lambda a: abs(arms[a]["parameters"] - arms[LAYER_DROP_ARM]["parameters"])
@@ -679,7 +679,9 @@ def plot(summary: Dict[str, Any], tag: str, path: Path) -> None:
             left.annotate(rule, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     front = [arms[n] for n in summary["pareto_front"]]
     left.step([a["parameters"] / 1e6 for a in front], [100 * a["accuracy"] for a in front], where="post",
-              color="k", alpha=0.4, linewidth=1, label="Pareto front")
+              color="k", alpha=0.4, linewidth=1)
+    left.plot([a["parameters"] / 1e6 for a in front], [100 * a["accuracy"] for a in front], "o", markersize=13,
+              markerfacecolor="none", markeredgecolor="k", alpha=0.5, label="Pareto front")
     left.set_xlabel("parameters (millions)")
     left.set_ylabel("test accuracy after distillation (%)")
     left.set_title(f"Accuracy vs size (mean ± std over seeds)\n{summary['budget']}", fontsize=8)
