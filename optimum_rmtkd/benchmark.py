@@ -22,6 +22,8 @@ How it measures (so that a speed-up means what it says):
 - Threads: `threads` sets PyTorch's intra-op threads and ONNX Runtime's `intra_op_num_threads`; otherwise each
   library's default (PyTorch: its `get_num_threads()`; ONNX Runtime: one per physical core). ONNX Runtime's idle
   worker spinning is turned off, so one session's spinning workers cannot take the cores of the other's call.
+- ONNX files: a folder's own export, or `export_onnx` (validated against PyTorch) into a cache; the wall time of
+  export + validation is kept in `models[name]["onnx_export"]`.
 - Energy: after timing, each model runs alone for at least `energy_seconds` under a meter: NVML on CUDA backends,
   RAPL on CPU backends (see `optimum_rmtkd.energy`); "not available" with the reason when there is no meter.
 """
@@ -164,6 +166,12 @@ class BenchmarkReport:
                     f"| {fmt} file size (MB) | {original['file_size_bytes'][fmt] / 1e6:.2f} "
                     f"| {compressed['file_size_bytes'][fmt] / 1e6:.2f} |"
                 )
+        exports = [original.get("onnx_export"), compressed.get("onnx_export")]
+        if all(exports):
+            cached = " (cached)" if any(export["reused"] for export in exports) else ""
+            lines.append(
+                f"| ONNX export + validation (s){cached} | {exports[0]['seconds']:.1f} | {exports[1]['seconds']:.1f} |"
+            )
         for size, flops in original["flops_per_example"].items():
             lines.append(
                 f"| GFLOPs / example ({size_label} {size}) | {flops / 1e9:.4g} "
@@ -483,6 +491,11 @@ def _speedup_with_ci(original: np.ndarray, compressed: np.ndarray, seed: int) ->
 
 
 def _time_interleaved(runners: dict[str, _Runner], repeats: int) -> dict[str, np.ndarray]:
+    """Seconds of `repeats` calls of each runner, timed in pairs: A B, then B A, then A B, ….
+
+    Each pair holds one call of every model, so a resample of pairs keeps the interleaving; flipping the order
+    every other pair cancels a linear drift within the pairs and gives each model the same share of first places.
+    """
     names = list(runners)
     seconds = {name: np.empty(repeats) for name in names}
     gc_was_enabled = gc.isenabled()
@@ -561,6 +574,7 @@ def _machine_info() -> dict[str, Any]:
     versions = {"python": platform.python_version()}
     packages = (
         "torch", "transformers", "optimum-rmtkd", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "numpy",
+        "nvidia-ml-py",
     )
     for package in packages:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
@@ -592,24 +606,37 @@ def _source_fingerprint(model_dir: Path) -> dict[str, Any]:
     }
 
 
-def _onnx_model_path(model_dir: Path, cache_dir: Path) -> Path:
-    """`model_dir/model.onnx` or `model_dir/onnx/model.onnx` (where `rmtkd export` writes) when present, else an
-    export into `cache_dir`.
+def _onnx_model_path(model_dir: Path, cache_dir: Path, *, reuse: bool = True) -> tuple[Path, Optional[dict[str, Any]]]:
+    """The ONNX file to benchmark for `model_dir`, and the record of its export (`None` when none was made here).
 
-    A cached export is reused only when `cache_dir/source.json` names the same folder with the same files (name,
-    size, modification time), so a cache left by another model, or by an older save of this one, is replaced.
+    With `reuse`, `model_dir/model.onnx` or `model_dir/onnx/model.onnx` (where `rmtkd export` writes) is used as it
+    is, and an export cached in `cache_dir` is reused when `cache_dir/source.json` names the same folder with the
+    same files (name, size, modification time), so a cache left by another model, or by an older save of this one,
+    is replaced. When nothing is reused, the model is exported and validated into `cache_dir`.
+
+    The record holds the wall time of export + validation (`seconds`), max |Δ| per validated shape, `atol`, `opset`
+    and `reused`: `True` when it describes the cached export of an earlier run, whose time it keeps.
     """
-    for own in (model_dir / ONNX_WEIGHTS_NAME, model_dir / "onnx" / ONNX_WEIGHTS_NAME):
-        if own.is_file():
-            return own
-    cached, fingerprint_file = cache_dir / ONNX_WEIGHTS_NAME, cache_dir / "source.json"
+    if reuse:
+        for own in (model_dir / ONNX_WEIGHTS_NAME, model_dir / "onnx" / ONNX_WEIGHTS_NAME):
+            if own.is_file():
+                return own, None
+    cached, source_file = cache_dir / ONNX_WEIGHTS_NAME, cache_dir / "source.json"
     fingerprint = _source_fingerprint(model_dir)
-    if cached.is_file() and fingerprint_file.is_file() and json.loads(fingerprint_file.read_text()) == fingerprint:
-        logger.info("Reusing the ONNX export %s.", cached)
-        return cached
-    onnx_path = export_onnx(model_dir, cache_dir, overwrite=True).onnx_path
-    atomic_write_json(fingerprint_file, fingerprint)
-    return onnx_path
+    if reuse and cached.is_file() and source_file.is_file():
+        source = json.loads(source_file.read_text())
+        if source.get("fingerprint") == fingerprint and "export" in source:
+            logger.info("Reusing the ONNX export %s.", cached)
+            return cached, {**source["export"], "reused": True}
+    result = export_onnx(model_dir, cache_dir, overwrite=True)
+    record = {
+        "seconds": result.seconds,
+        "max_abs_diff": result.max_abs_diff,
+        "atol": result.atol,
+        "opset": result.opset,
+    }
+    atomic_write_json(source_file, {"fingerprint": fingerprint, "export": record})
+    return result.onnx_path, {**record, "reused": False}
 
 
 def _check_positive_ints(name: str, values: Sequence[int]) -> tuple[int, ...]:
@@ -632,6 +659,7 @@ def benchmark_models(
     threads: Optional[int] = None,
     output_dir: Optional[PathLike] = None,
     onnx_cache_dir: Optional[PathLike] = None,
+    reuse_onnx: bool = True,
     energy_seconds: float = 2.0,
     seed: int = 0,
 ) -> BenchmarkReport:
@@ -653,12 +681,17 @@ def benchmark_models(
         output_dir (`str` or `os.PathLike`, *optional*): where to write benchmark.json/.md/.png.
         onnx_cache_dir (`str` or `os.PathLike`, *optional*): where to export models without `model.onnx`;
             defaults to `output_dir/onnx`, or a temporary folder removed afterwards.
+        reuse_onnx (`bool`, *optional*, defaults to `True`): use a folder's own `model.onnx` (or `onnx/model.onnx`)
+            or a matching export in `onnx_cache_dir`; `False` exports and validates both models afresh, so that
+            the export time in `models[name]["onnx_export"]` is measured by this run.
         energy_seconds (`float`, *optional*, defaults to 2.0): length of each energy window, spent only where a
             meter is available.
         seed (`int`, *optional*, defaults to 0): seed of the random inputs and of the bootstrap.
 
     Returns:
-        `BenchmarkReport`: machine, models (parameters, file sizes, FLOPs per example), results, speed-ups, skips.
+        `BenchmarkReport`: machine, models (parameters, file sizes, FLOPs per example and, once an ONNX Runtime
+        backend ran, `onnx_export`: the record of the export, `None` when the folder's own file was used), results,
+        speed-ups, skips.
 
     Example:
     ```python
@@ -711,6 +744,7 @@ def benchmark_models(
         "repeats": repeats,
         "threads": threads,
         "energy_seconds": energy_seconds,
+        "reuse_onnx": reuse_onnx,
         "seed": seed,
         "order": "interleaved: original then compressed on even pairs, compressed then original on odd pairs",
         "flops": "torch.utils.flop_counter.FlopCounterMode, batch 1, 2 x multiply-accumulates",
@@ -755,7 +789,9 @@ def benchmark_models(
                 continue
             if backend.startswith("onnxruntime") and not onnx_paths:
                 for name in MODEL_NAMES:
-                    onnx_paths[name] = _onnx_model_path(dirs[name], Path(onnx_cache_dir) / name)
+                    onnx_paths[name], summaries[name]["onnx_export"] = _onnx_model_path(
+                        dirs[name], Path(onnx_cache_dir) / name, reuse=reuse_onnx
+                    )
                     summaries[name]["file_size_bytes"]["onnx"] = _files_size(_onnx_files(onnx_paths[name]))
             _benchmark_backend(report, backend, models, onnx_paths, feed_for, batch_sizes, sizes, threads)
     finally:

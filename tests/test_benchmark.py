@@ -7,6 +7,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnxruntime as ort
@@ -15,9 +16,9 @@ import torch
 from _models import NUM_LABELS, save_tiny_bert, save_tiny_resnet
 
 from optimum_rmtkd import benchmark as benchmark_module
-from optimum_rmtkd.benchmark import benchmark_models, count_flops_per_example
+from optimum_rmtkd.benchmark import BenchmarkReport, BenchmarkSpeedup, benchmark_models, count_flops_per_example
 from optimum_rmtkd.energy import NVMLPowerSampler, RAPLReader
-from optimum_rmtkd.exporters.onnx import load_classification_model
+from optimum_rmtkd.exporters.onnx import ONNXExportResult, load_classification_model
 
 SPEED_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 RESULT_KEYS = {
@@ -48,6 +49,57 @@ def test_flop_count_matches_the_analytic_count(bert_pair, sequence_length):
     feed = {"input_ids": np.ones((3, sequence_length), dtype=np.int64)}
     # Batch 3 in, one example counted; attention included although PyTorch runs its CPU SDPA kernel.
     assert count_flops_per_example(model, feed) == _bert_flops(sequence_length)
+
+
+def _conv_and_linear_flops(model: torch.nn.Module, pixel_values: torch.Tensor) -> int:
+    """2 × multiply-accumulates of every Conv2d and Linear, from the output shapes that forward hooks see."""
+    total = 0
+
+    def hook(module, inputs, output) -> None:
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            kernel = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += 2 * output[0].numel() * kernel  # output[0]: one example of the batch
+        else:
+            total += 2 * module.in_features * module.out_features
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    with torch.no_grad():
+        model(pixel_values=pixel_values)
+    for handle in handles:
+        handle.remove()
+    return total
+
+
+@pytest.mark.parametrize("image_size", [16, 32])
+def test_flop_count_of_resnet_counts_convolutions_and_classifier(tmp_path, image_size):
+    model = load_classification_model(save_tiny_resnet(tmp_path / "resnet"))
+    pixels = np.zeros((2, 3, image_size, image_size), dtype=np.float32)
+    expected = _conv_and_linear_flops(model, torch.from_numpy(pixels[:1]))
+    # Convolutions and the classifier only: BatchNorm, ReLU and pooling are not counted, as in FLOP tables.
+    assert count_flops_per_example(model, {"pixel_values": pixels}) == expected
+    if image_size == 32:  # every convolution's output grows with the image area: 4× the FLOPs of 16 × 16 but the head
+        small = _conv_and_linear_flops(model, torch.zeros(1, 3, 16, 16))
+        head = 2 * model.classifier[1].in_features * NUM_LABELS
+        assert expected - head == 4 * (small - head)
+
+
+def test_timing_interleaves_the_models():
+    calls = []
+
+    class Recorder:
+        def __init__(self, name: str):
+            self.name = name
+
+        def __call__(self) -> None:
+            calls.append(self.name)
+
+    seconds = benchmark_module._time_interleaved({"original": Recorder("A"), "compressed": Recorder("B")}, repeats=4)
+    # One call of each model per pair, the order flipped every other pair.
+    assert calls == ["A", "B", "B", "A", "A", "B", "B", "A"]
+    assert {name: times.shape for name, times in seconds.items()} == {"original": (4,), "compressed": (4,)}
+    assert all((times >= 0).all() for times in seconds.values())
 
 
 @pytest.mark.slow  # two ONNX exports: 10-20 s on 2 busy cores
@@ -83,6 +135,12 @@ def test_benchmark_report_schema(bert_pair, tmp_path):
     for summary in (original, compressed):
         assert set(summary["file_size_bytes"]) == {"pytorch", "onnx"}
         assert all(isinstance(size, int) and size > 0 for size in summary["file_size_bytes"].values())
+        # Exported into the empty cache by this run: the time of export + validation is measured, not reused.
+        export = summary["onnx_export"]
+        assert set(export) == {"seconds", "max_abs_diff", "atol", "opset", "reused"}
+        assert export["seconds"] > 0 and export["reused"] is False and export["opset"] == 18
+        assert set(export["max_abs_diff"]) == {"2x16", "3x37"} and max(export["max_abs_diff"].values()) < 1e-4
+    assert data["settings"]["reuse_onnx"] is True
 
     cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
     measured = ["pytorch", "onnxruntime-cpu"] + (["onnxruntime-cuda"] if cuda else [])
@@ -118,6 +176,8 @@ def test_benchmark_report_schema(bert_pair, tmp_path):
         assert row["speedup_over_flop_ratio"] == pytest.approx(row["speedup"] / row["flop_ratio"])
 
     markdown = (output_dir / "benchmark.md").read_text()
+    exports = [summary["onnx_export"]["seconds"] for summary in (original, compressed)]
+    assert f"| ONNX export + validation (s) | {exports[0]:.1f} | {exports[1]:.1f} |" in markdown
     assert "| pytorch | 2 | 8 |" in markdown and "| onnxruntime-cpu | 1 | 8 |" in markdown
     if not cuda:
         assert "onnxruntime-cuda not measured:" in markdown
@@ -269,12 +329,17 @@ def test_nvml_sampler_integrates_power(monkeypatch):
         NVMLPowerSampler(interval_s=0)
 
 
-def test_speed_script_runs_end_to_end(bert_pair, tmp_path, capsys):
+def _load_speed_script():
     spec = importlib.util.spec_from_file_location("speed_script", SPEED_SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_speed_script_runs_end_to_end(bert_pair, tmp_path, capsys):
+    script = _load_speed_script()
     output_dir = tmp_path / "speed"
-    summary = script.main([
+    targets = script.main([
         "--original", str(bert_pair[0]), "--compressed", str(bert_pair[1]), "--output-dir", str(output_dir),
         # PyTorch only keeps this test fast; the ONNX Runtime backends are covered by the schema test.
         "--backends", "pytorch", "--batch-sizes", "1", "2", "--sequence-lengths", "8",
@@ -283,16 +348,82 @@ def test_speed_script_runs_end_to_end(bert_pair, tmp_path, capsys):
     ])
     printed = capsys.readouterr().out
     assert "| pytorch | 2 | 8 |" in printed
-    assert "Target ratio (speed-up ÷ FLOP ratio at pytorch, batch 2, sequence length 8):" in printed
-    assert summary["measured"] and summary["backend"] == "pytorch" and summary["batch_size"] == 2
+    speed = targets["speedup"]
+    assert speed["measured"] and speed["backend"] == "pytorch" and speed["batch_size"] == 2
+    assert speed["met"] == (speed["speedup_over_flop_ratio"] >= 0.8)
+    assert (
+        f"Speed-up at pytorch, batch 2, sequence length 8: {speed['speedup']:.2f}× (95% CI "
+        f"{speed['speedup_ci95'][0]:.2f}–{speed['speedup_ci95'][1]:.2f}), FLOP ratio {speed['flop_ratio']:.2f}×, "
+        f"speed-up ÷ FLOP ratio {speed['speedup_over_flop_ratio']:.2f} (target ≥ 0.8: "
+    ) in printed
+    assert targets["export"] == {
+        "measured": False, "reason": "no ONNX Runtime backend ran, so nothing was exported",
+    }
+    assert "Export + validation of the compressed model: not measured, no ONNX Runtime backend ran" in printed
+    assert json.loads((output_dir / "targets.json").read_text()) == json.loads(json.dumps(targets))
     # The default target cell (ONNX Runtime CPU, batch 32, length 128) is outside this grid: said, not invented.
     script.main([
         "--original", str(bert_pair[0]), "--compressed", str(bert_pair[1]), "--output-dir", str(output_dir),
         "--backends", "pytorch", "--batch-sizes", "1", "--sequence-lengths", "8", "--warmup", "0", "--repeats", "2",
         "--threads", "1",
     ])
-    assert "batch 32, sequence length 128): not measured" in capsys.readouterr().out
-    assert {"benchmark.json", "benchmark.md", "benchmark.png"} <= {path.name for path in output_dir.iterdir()}
+    assert (
+        "Speed-up at onnxruntime-cpu, batch 32, sequence length 128: not measured, that cell is not in the grid."
+    ) in capsys.readouterr().out
+    assert {"benchmark.json", "benchmark.md", "benchmark.png", "targets.json"} <= {p.name for p in output_dir.iterdir()}
+
+
+def test_speed_script_defaults_to_the_rotten_tomatoes_grid(monkeypatch, tmp_path):
+    script = _load_speed_script()
+    seen = {}
+
+    def fake_benchmark(original, compressed, **kwargs):
+        seen.update(original=original, compressed=compressed, **kwargs)
+        raise SystemExit(0)  # stop before any timing: only the arguments are checked
+
+    monkeypatch.setattr(script, "benchmark_models", fake_benchmark)
+    monkeypatch.setattr(script, "read_config_dict", lambda path: {"model_type": "bert"})
+    with pytest.raises(SystemExit):
+        script.main([])
+    rotten_tomatoes = SPEED_SCRIPT.parent / "results" / "rotten_tomatoes"
+    assert seen["original"] == rotten_tomatoes / "original" and seen["compressed"] == rotten_tomatoes / "compressed"
+    assert seen["output_dir"] == SPEED_SCRIPT.parent / "results" / "speed"
+    # The target cell is in the default grid, and the export is timed afresh.
+    assert 32 in seen["batch_sizes"] and 128 in seen["sequence_lengths"] and "onnxruntime-cpu" in seen["backends"]
+    assert seen["reuse_onnx"] is False
+
+
+def _report_with(speedup: float, flop_ratio: float, export: Optional[dict]) -> BenchmarkReport:
+    models = {"original": {}, "compressed": {} if export is None else {"onnx_export": export}}
+    report = BenchmarkReport(machine={}, models=models, settings={"size_key": "sequence_length"})
+    report.speedups.append(BenchmarkSpeedup(
+        backend="onnxruntime-cpu", batch_size=32, sequence_length=128, image_size=None, speedup=speedup,
+        speedup_ci95=(speedup - 0.1, speedup + 0.1), flop_ratio=flop_ratio,
+        speedup_over_flop_ratio=speedup / flop_ratio,
+    ))
+    return report
+
+
+@pytest.mark.parametrize(("speedup", "met"), [(1.21, True), (1.19, False)])
+def test_speedup_target_is_80_percent_of_the_flop_ratio(speedup, met):
+    script = _load_speed_script()
+    target = script.speedup_target(_report_with(speedup, 1.5, None), "onnxruntime-cpu", 32, 128)
+    assert target["cell"] == "onnxruntime-cpu, batch 32, sequence length 128"
+    assert target["speedup"] == speedup and target["flop_ratio"] == 1.5 and target["target"] == 0.8
+    assert target["met"] is met  # 1.21 / 1.5 = 0.807 meets it; 1.19 / 1.5 = 0.793 does not
+
+
+@pytest.mark.parametrize(("seconds", "met"), [(12.5, True), (60.0, False)])
+def test_export_target_is_under_a_minute(seconds, met):
+    script = _load_speed_script()
+    record = {"seconds": seconds, "max_abs_diff": {"2x16": 1e-6}, "atol": 1e-4, "opset": 18, "reused": False}
+    target = script.export_target(_report_with(1.0, 1.0, record))
+    assert target == {"measured": True, **record, "target_seconds": 60.0, "met": met}
+    own_file = _report_with(1.0, 1.0, None)
+    own_file.models["compressed"]["onnx_export"] = None
+    assert script.export_target(own_file) == {
+        "measured": False, "reason": "the folder's own ONNX file was used (run without --reuse-onnx)",
+    }
 
 
 def test_onnx_cache_is_reused_only_for_the_same_source(monkeypatch, tmp_path):
@@ -302,19 +433,25 @@ def test_onnx_cache_is_reused_only_for_the_same_source(monkeypatch, tmp_path):
         exported.append(Path(model_dir).name)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "model.onnx").write_bytes(b"onnx")
-        return types.SimpleNamespace(onnx_path=output_dir / "model.onnx")
+        return ONNXExportResult(output_dir / "model.onnx", max_abs_diff={"2x16": 1e-6}, passed=True, seconds=2.5)
 
     monkeypatch.setattr(benchmark_module, "export_onnx", fake_export)
     first, second, cache = tmp_path / "first", tmp_path / "second", tmp_path / "cache"
     for folder in (first, second):
         folder.mkdir()
         (folder / "config.json").write_text("{}")
-    assert benchmark_module._onnx_model_path(first, cache) == cache / "model.onnx"
-    benchmark_module._onnx_model_path(first, cache)  # same files: reused
+    record = {"seconds": 2.5, "max_abs_diff": {"2x16": 1e-6}, "atol": 1e-4, "opset": 18}
+    assert benchmark_module._onnx_model_path(first, cache) == (cache / "model.onnx", {**record, "reused": False})
+    # Same files: reused, with the time measured when the export was made.
+    assert benchmark_module._onnx_model_path(first, cache) == (cache / "model.onnx", {**record, "reused": True})
     assert exported == ["first"]
     benchmark_module._onnx_model_path(second, cache)  # another model in the same cache: exported again
     (second / "config.json").write_text('{"changed": true}')  # a newer save of that model: exported again
     benchmark_module._onnx_model_path(second, cache)
     assert exported == ["first", "second", "second"]
     (first / "model.onnx").write_bytes(b"own")  # a folder with its own export is used as it is
-    assert benchmark_module._onnx_model_path(first, cache) == first / "model.onnx"
+    assert benchmark_module._onnx_model_path(first, cache) == (first / "model.onnx", None)
+    # Without reuse, neither the folder's own file nor the cache is used: exported and timed again.
+    fresh = benchmark_module._onnx_model_path(first, cache, reuse=False)
+    assert fresh == (cache / "model.onnx", {**record, "reused": False})
+    assert exported == ["first", "second", "second", "first"]

@@ -18,6 +18,7 @@ from optimum_rmtkd.exporters.onnx import (
     load_classification_model,
     validate_onnx,
 )
+from optimum_rmtkd.saving import save_compressed_model
 
 # Inputs of each graph, as optimum's ONNX configs name them: RoBERTa's single segment type drops token_type_ids.
 EXPECTED_INPUTS = {
@@ -94,6 +95,24 @@ def test_validation_fails_on_a_corrupted_graph(bert_export, model_dirs, tmp_path
     folder = bert_export.onnx_path.parent
     diffs = validate_onnx(folder, model_dirs["bert"], shapes=((1, 5), (4, 64)), with_padding=False)
     assert set(diffs) == {"1x5", "4x64"}
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [("truncated", "Unable to parse proto"), ("dangling-input", "Nodes in a graph must be topologically sorted")],
+)
+def test_validation_fails_on_a_malformed_file(damage, reason, bert_export, model_dirs, tmp_path):
+    broken_path = tmp_path / "broken.onnx"
+    if damage == "truncated":
+        data = bert_export.onnx_path.read_bytes()
+        broken_path.write_bytes(data[: len(data) // 2])  # a copy cut short: not a parseable protobuf
+    else:
+        model = onnx.load(str(bert_export.onnx_path))
+        model.graph.node[-1].input[0] = "no_such_tensor"  # the last node reads a value nothing produces
+        onnx.save(model, str(broken_path))
+    message = rf"^`onnx.checker` rejects '.*broken\.onnx' \({reason}.*\); the file is damaged .*export again\.$"
+    with pytest.raises(RMTKDValidationError, match=message):
+        validate_onnx(broken_path, model_dirs["bert"])
 
 
 def test_failed_validation_leaves_no_folder(model_dirs, tmp_path):
@@ -188,12 +207,14 @@ def test_export_of_a_registered_per_layer_type(model_dirs, tmp_path):
         max_position_embeddings=64, num_labels=NUM_LABELS, per_layer_config={0: {"intermediate_size": 16}},
     )
     model_dir = tmp_path / "rmtkd-bert"
-    model_class(config).eval().save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(model_dirs["bert"]).save_pretrained(model_dir)
+    # Written as the compressor writes it: config with `auto_map`, and the remote-code file beside the weights.
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["bert"])
+    save_compressed_model(model_class(config).eval(), tokenizer, model_dir, "per-layer")
 
     result = export_onnx(model_dir, tmp_path / "onnx")
     assert result.passed and all(diff < 1e-4 for diff in result.max_abs_diff.values())
-    assert AutoConfig.from_pretrained(tmp_path / "onnx").model_type == "rmtkd_bert"
+    assert AutoConfig.from_pretrained(tmp_path / "onnx", trust_remote_code=True).model_type == "rmtkd_bert"
+    assert {"modeling_rmtkd.py", "tokenizer.json"} <= {path.name for path in (tmp_path / "onnx").iterdir()}
     # The FFN matrices keep their per-layer widths in the graph (the exporter may store them transposed).
     ffn_shapes = sorted(
         tuple(tensor.dims)

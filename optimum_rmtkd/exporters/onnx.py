@@ -59,7 +59,7 @@ _WEIGHT_INDEX_SUFFIX = ".index.json"
 
 
 class RMTKDValidationError(ValueError):
-    """Raised when ONNX Runtime's outputs differ from PyTorch's by more than the tolerance."""
+    """Raised when `onnx.checker` rejects an ONNX file or ONNX Runtime's logits differ from PyTorch's beyond `atol`."""
 
 
 @dataclass
@@ -403,14 +403,21 @@ def validate_onnx(
         `dict[str, float]`: max |Δ| per shape, keyed `"{batch_size}x{size}"`.
 
     Raises:
-        `RMTKDValidationError`: when an output has the wrong shape or max |Δ| exceeds `atol` (or is not finite).
+        `RMTKDValidationError`: when `onnx.checker` rejects the file (unreadable protobuf, malformed graph), an
+            output has the wrong shape, or max |Δ| exceeds `atol` (or is not finite).
     """
     import onnx
     import onnxruntime as ort
 
     path = _resolve_onnx_path(onnx_dir_or_path)
-    # The path form also checks models with external data and above 2 GB.
-    onnx.checker.check_model(str(path))
+    try:
+        # The path form also checks models with external data and above 2 GB.
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as error:
+        reason = " ".join(str(error).split())  # the checker's text spans lines; keep the message on one
+        raise RMTKDValidationError(
+            f"`onnx.checker` rejects {str(path)!r} ({reason}); the file is damaged or the export is wrong: export again."
+        ) from error
     if not isinstance(model, torch.nn.Module):
         model = load_classification_model(model)
     session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
