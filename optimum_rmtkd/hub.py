@@ -27,6 +27,7 @@ PathLike = Union[str, os.PathLike]
 
 REPORT_NAME = "rmtkd_report.json"
 CARD_NAME = "README.md"
+BENCHMARK_NAME = "benchmark.md"
 CARD_TAGS = ["rmt-kd", "optimum-rmtkd", "compressed", "knowledge-distillation"]
 DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "rmtkd_model_card_template.md"
 # Temporary files of `optimum_rmtkd.utils.io` (`.{name}.{random}.tmp`) must never reach the Hub.
@@ -64,6 +65,7 @@ def build_model_card(
     template_path: Optional[PathLike] = None,
     repo_id: Optional[str] = None,
     include_onnx: bool = True,
+    benchmark: Optional[PathLike] = None,
 ) -> ModelCard:
     """Build the model card of an RMT-KD output folder from its `rmtkd_report.json`.
 
@@ -87,6 +89,9 @@ def build_model_card(
         include_onnx (`bool`, *optional*, defaults to `True`):
             Describe the `onnx/` export when the folder has one; `push_to_hub(include_onnx=False)` passes `False`
             because the export is not uploaded then.
+        benchmark (`str` or `os.PathLike`, *optional*):
+            A `benchmark.md`, or the folder `rmtkd benchmark --output` wrote it to, whose table goes in the card;
+            defaults to `model_dir/benchmark.md` when it exists (no benchmark section otherwise).
 
     Returns:
         `huggingface_hub.ModelCard`: the rendered card; `str(card)` is the README.md text.
@@ -159,7 +164,7 @@ def build_model_card(
     config_path = model_dir / "config.json"
     model_type = json.loads(config_path.read_text())["model_type"] if config_path.is_file() else None
     plots = _existing_plots(model_dir, report["sites"])
-    benchmark_path = model_dir / "benchmark.md"
+    benchmark_path = _benchmark_path(model_dir, benchmark)
     dataset = report["dataset"]
     context = {
         "model_name": model_name,
@@ -213,9 +218,7 @@ def build_model_card(
         ],
         "spectrum_plot": plots[0] if plots else None,
         "more_plots": plots[1:],
-        "benchmark": (
-            _demote_headings(benchmark_path.read_text(encoding="utf-8"), 2) if benchmark_path.is_file() else None
-        ),
+        "benchmark": _demote_headings(benchmark_path.read_text(encoding="utf-8"), 2) if benchmark_path else None,
         "onnx": include_onnx and (model_dir / "onnx" / "model.onnx").is_file(),
         "heavy_tailed": [_site_row(site) for site in report["sites"] if site["heavy_tailed"]],
     }
@@ -237,6 +240,7 @@ def write_model_card(
     datasets: Optional[Union[str, list[str]]] = None,
     template_path: Optional[PathLike] = None,
     include_onnx: bool = True,
+    benchmark: Optional[PathLike] = None,
 ) -> Path:
     """Write the card of `build_model_card` (same arguments) to `model_dir/README.md` atomically and return its path.
 
@@ -255,6 +259,7 @@ def write_model_card(
         template_path=template_path,
         repo_id=repo_id,
         include_onnx=include_onnx,
+        benchmark=benchmark,
     )
     path = Path(model_dir) / CARD_NAME
     atomic_write_text(path, str(card))
@@ -274,6 +279,7 @@ def push_to_hub(
     include_onnx: bool = True,
     base_model: Optional[str] = None,
     datasets: Optional[Union[str, list[str]]] = None,
+    benchmark: Optional[PathLike] = None,
 ) -> str:
     """Upload an RMT-KD output folder to a Hub model repository, with its model card.
 
@@ -307,6 +313,9 @@ def push_to_hub(
             names a local path.
         datasets (`str` or `list[str]`, *optional*):
             Hub ids of the data for the card metadata, as in `build_model_card`.
+        benchmark (`str` or `os.PathLike`, *optional*):
+            The `benchmark.md` (or its folder) whose table goes in the card, as in `build_model_card`; only the
+            card embeds it, the file itself is uploaded only when it lies in `model_dir`.
 
     Returns:
         `str`: the URL of the commit, or of the pull request when `create_pr=True`.
@@ -337,7 +346,7 @@ def push_to_hub(
             f"`revision` must be None with `create_pr=True` (pull requests open against `main`), got {revision!r}."
         )
     # Build the card before any network call, so a malformed report fails here and not after creating a repository.
-    card_kwargs = {"base_model": base_model, "datasets": datasets, "include_onnx": include_onnx}
+    card_kwargs = {"base_model": base_model, "datasets": datasets, "include_onnx": include_onnx, "benchmark": benchmark}
     card = build_model_card(model_dir, repo_id=repo_id, **card_kwargs)
     report = _load_report(model_dir)
     if commit_message is None:
@@ -394,6 +403,22 @@ def _load_report(model_dir: Path) -> dict[str, Any]:
     return report
 
 
+def _benchmark_path(model_dir: Path, benchmark: Optional[PathLike]) -> Optional[Path]:
+    """The benchmark.md to embed: `benchmark` (a file or the folder holding benchmark.md), else the folder's own."""
+    if benchmark is None:
+        own = model_dir / BENCHMARK_NAME
+        return own if own.is_file() else None
+    path = Path(benchmark)
+    if path.is_dir():
+        path = path / BENCHMARK_NAME
+    if not path.is_file():
+        raise ValueError(
+            f"`benchmark` must be a {BENCHMARK_NAME} or a folder holding one, got {str(benchmark)!r}; pass the "
+            "`--output` folder of `rmtkd benchmark`."
+        )
+    return path
+
+
 def _refresh_card(model_dir: Path, card: ModelCard) -> None:
     """Write README.md unless it exists and was not generated here (its metadata lacks our tag)."""
     path = model_dir / CARD_NAME
@@ -433,7 +458,7 @@ def _push_error_message(err: Exception, stage: str, endpoint: str, repo_id: str)
         message = f"{endpoint} answered HTTP {status} while {stage}: {detail}"
     else:
         message = f"Could not reach {endpoint} while {stage}: {type(err).__name__}: {err}"
-    return f"{message.rstrip('.')}. Local files were left in place; run `push_to_hub` again to retry."
+    return f"{message.rstrip('.')}. Local files were left in place; pushing again is safe and uploads what is missing."
 
 
 def _is_hub_id(value: str) -> bool:

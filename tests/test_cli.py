@@ -41,8 +41,8 @@ def _env(**overrides: str) -> dict:
 
 
 def _rmtkd_command(*args) -> list:
-    """`python -m optimum_rmtkd.commands.rmtkd_cli`, i.e. what the `rmtkd` console script runs."""
-    return [sys.executable, "-m", "optimum_rmtkd.commands.rmtkd_cli", *map(str, args)]
+    """The installed `rmtkd` console script, as a user runs it."""
+    return [str(BIN / "rmtkd"), *map(str, args)]
 
 
 def rmtkd(*args, env=None) -> subprocess.CompletedProcess:
@@ -71,18 +71,28 @@ def csv_files(text_splits, tmp_path_factory) -> dict:
     return files
 
 
+def _hub_env(hub: LocalHub, folder: Path, **overrides: str) -> dict:
+    """Online, but only towards the loopback Hub, and without any token saved by `hf auth login`."""
+    settings = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "HF_TOKEN_PATH": str(folder / "no-saved-token")}
+    return _env(**{**settings, **overrides})
+
+
 @pytest.fixture(scope="module")
 def compressed(bert_dir, csv_files, tmp_path_factory):
-    """One `rmtkd compress` run shared by the tests that need its output."""
+    """One `rmtkd compress --push-to-hub` run shared by the tests that need its output: token and endpoint come from
+    `HF_TOKEN` and `HF_ENDPOINT`, as for a user. Returns the process, the output folder and the files pushed."""
     folder = tmp_path_factory.mktemp("compress")
     config_file = folder / "rmtkd_config.json"
     config_file.write_text(json.dumps({"estimator": "paper", "quantile": 0.7, "seed": 3}))
     out = folder / "out"
-    proc = rmtkd(
-        "compress", bert_dir, "--dataset", csv_files["train"], "--validation-file", csv_files["validation"],
-        "--text-column", "sentence", "--config", config_file, "--estimator", "mp-median", *FAST, "-o", out,
-    )
-    return proc, out
+    with LocalHub() as hub:
+        proc = rmtkd(
+            "compress", bert_dir, "--dataset", csv_files["train"], "--validation-file", csv_files["validation"],
+            "--text-column", "sentence", "--config", config_file, "--estimator", "mp-median", *FAST, "-o", out,
+            "--push-to-hub", "--hub-model-id", f"{TEST_USER}/out", env=_hub_env(hub, folder, HF_TOKEN=TEST_TOKEN),
+        )
+        pushed = hub.files(f"{TEST_USER}/out")
+    return proc, out, pushed
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +106,18 @@ def quick_runs(bert_dir, csv_files, tmp_path_factory) -> dict:
     missing = folder / "no-such-model"
     dataset = csv_files["train"]
     commands = {
-        "script help": [str(BIN / "rmtkd"), "--help"],
+        "script help": _rmtkd_command("--help"),
         "register import": [sys.executable, "-c", "import sys, optimum.commands.register.register_rmtkd as r; "
                             "print([m for m in ('onnxruntime', 'matplotlib', 'pynvml') if m in sys.modules], "
                             "[c.__name__ for c in r.REGISTER_COMMANDS])"],
         "optimum-cli help": [str(BIN / "optimum-cli"), "rmtkd", "compress", "--help"],
         "missing column": _rmtkd_command("compress", bert_dir, "--dataset", dataset, "--text-column", "review",
                                          *FAST, "-o", folder / "out", "--quiet"),
-        "non-empty output": _rmtkd_command("compress", bert_dir, "--dataset", dataset, "-o", non_empty),
+        # Through optimum-cli: its `main` neither catches errors nor returns a status, the command must.
+        "non-empty output": [str(BIN / "optimum-cli"), "rmtkd", "compress", str(bert_dir), "--dataset", str(dataset),
+                             "-o", str(non_empty)],
+        "hub id without push": _rmtkd_command("compress", bert_dir, "--dataset", dataset, "-o", folder / "unpushed",
+                                              "--hub-model-id", "me/model"),
         "missing model": _rmtkd_command("analyze", missing, "--dataset", dataset),
         "missing model --debug": _rmtkd_command("analyze", missing, "--dataset", dataset, "--debug"),
         "unknown hub id": _rmtkd_command("analyze", "rmtkd-tester/no-such-model", "--dataset", dataset),
@@ -191,9 +205,11 @@ def test_register_module_only_registers_and_stays_light(quick_runs):
 def test_compress_writes_a_folder_that_reloads_with_the_stock_class(compressed):
     from transformers import AutoModelForSequenceClassification
 
-    proc, out = compressed
+    proc, out, _ = compressed
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
+    # Without --quiet: the stages are logged and long loops show progress bars.
+    assert "[INFO]" in proc.stderr and "Calibrating" in proc.stderr
     assert f"Saved the compressed model to {out}" in proc.stdout
     report = json.loads((out / "rmtkd_report.json").read_text())
     assert re.search(rf"parameters: {report['parameters']['original']:,} -> {report['parameters']['compressed']:,}",
@@ -213,6 +229,7 @@ def test_analyze_prints_the_table_writes_analysis_json_and_leaves_the_model_alon
     proc = rmtkd("analyze", "-m", bert_dir, "--dataset", csv_files["train"], "--text-column", "sentence",
                  "--calibration-fraction", "0.5", "--estimator", "gavish-donoho", "--output", out, "--quiet")
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # --quiet
     header = proc.stdout.splitlines()[0].split()
     assert header == ["site", "d", "n", "q", "σ²", "λ₊", "paper", "mp-median", "gavish-donoho*",
                       "kritchman-nadler", "mppca", "KS", "heavy-tailed"]
@@ -243,34 +260,69 @@ def test_export_writes_a_validated_onnx_folder(compressed):
     pytest.importorskip("optimum_rmtkd.exporters.onnx")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    _, out = compressed
+    _, out, _ = compressed
     proc = rmtkd("export", out, "--quiet")
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # --quiet: no log lines, warnings or progress bars
     assert (out / "onnx" / "model.onnx").is_file() and (out / "onnx" / "config.json").is_file()
     assert re.search(r"Validated with ONNX Runtime: max \|Δ\| of the logits .+ \(atol 0.0001\)", proc.stdout)
 
 
+def test_compress_push_to_hub_uploads_the_output_folder(compressed):
+    proc, out, pushed = compressed
+    assert proc.returncode == 0, proc.stderr
+    assert f"Pushed to http://127.0.0.1:" in proc.stdout
+    local = {path.relative_to(out).as_posix(): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert set(pushed) <= set(local)
+    for name in ("config.json", "model.safetensors", "rmtkd_config.json", "rmtkd_report.json", "README.md"):
+        assert pushed[name] == local[name], name
+    assert any(name.startswith("spectra/") and name.endswith(".png") for name in pushed)
+    assert f"from_pretrained(\"{TEST_USER}/out\")" in pushed["README.md"].decode()
+
+
 def test_push_uploads_the_folder_to_the_given_endpoint(compressed, tmp_path):
-    _, out = compressed
+    _, out, _ = compressed
     folder = tmp_path / "tiny-rmtkd"
-    shutil.copytree(out, folder, ignore=shutil.ignore_patterns("onnx"))
+    shutil.copytree(out, folder, ignore=shutil.ignore_patterns("onnx", "README.md"))
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "benchmark.md").write_text("# Benchmark\n\n| batch | speed-up |\n|---|---|\n| 1 | 1.42x |\n")
     repo_id = f"{TEST_USER}/tiny-rmtkd"
-    env = _env(HF_HUB_OFFLINE="0", HF_TOKEN_PATH=str(tmp_path / "no-saved-token"))
     with LocalHub() as hub:
         proc = rmtkd("push", folder, "--hub-model-id", repo_id, "--token", TEST_TOKEN, "--endpoint", hub.url,
-                     "--quiet", env=env)
+                     "--benchmark", bench, "--quiet",
+                     # --endpoint wins over HF_ENDPOINT, which points at a port nothing listens on.
+                     env=_hub_env(hub, tmp_path, HF_ENDPOINT="http://127.0.0.1:9"))
         assert proc.returncode == 0, proc.stderr
         assert f"Pushed {folder} to {hub.url}/{repo_id}/commit/" in proc.stdout
         files = hub.files(repo_id)
-    for name in ("config.json", "model.safetensors", "rmtkd_report.json", "README.md"):
+    assert set(files) == {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+    for name in files:
         assert files[name] == (folder / name).read_bytes(), name
+    assert "## Benchmark\n\n| batch | speed-up |\n|---|---|\n| 1 | 1.42x |" in files["README.md"].decode()
+
+
+def test_push_with_a_wrong_token_is_one_line_and_keeps_the_folder(compressed, tmp_path):
+    _, out, _ = compressed
+    before = _digest(out)
+    with LocalHub() as hub:
+        proc = rmtkd("push", out, "--hub-model-id", f"{TEST_USER}/denied",
+                     env=_hub_env(hub, tmp_path, HF_TOKEN="hf_wrong"))
+        assert hub.repos == {}
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"error: Authentication failed for {hub.url}: set `HF_TOKEN` or run `hf auth login`. Local files were left in "
+        "place; pushing again is safe and uploads what is missing. (run with --debug to see the traceback)"
+    )
+    assert _digest(out) == before
 
 
 # --- errors: one line, non-zero exit, no traceback unless --debug ---------------------------------------------------
 def test_missing_column_is_one_clear_line(quick_runs):
     proc = quick_runs["missing column"]
     assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1  # --quiet leaves only the error
     assert "error: `train_dataset` has no column 'review'; its columns are sentence, label." in proc.stderr
     assert not quick_runs["folders"]["out"].exists()
 
@@ -281,6 +333,15 @@ def test_non_empty_output_needs_overwrite(quick_runs):
     assert "Traceback" not in proc.stderr
     assert f"`--output` '{out}' exists and is not empty; choose another folder or pass --overwrite" in proc.stderr
     assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_hub_model_id_without_push_to_hub_is_refused(quick_runs):
+    proc = quick_runs["hub id without push"]
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "error: `--hub-model-id` was given without `--push-to-hub`; add `--push-to-hub` to push. "
+        "(run with --debug to see the traceback)"
+    )
 
 
 def test_nonexistent_model_path_fails_fast_and_debug_shows_the_traceback(quick_runs):

@@ -249,6 +249,20 @@ def test_card_without_optional_parts(model_dir):
     assert "the data given to the compressor" in text
 
 
+def test_card_embeds_a_benchmark_written_elsewhere(model_dir, tmp_path):
+    (model_dir / "benchmark.md").unlink()
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "benchmark.md").write_text(BENCHMARK_MD.replace("1.90", "1.75"))
+    table = "| 1 | 64 | 3.10 | 1.75 |"
+    assert "## Benchmark" not in build_model_card(model_dir).text
+    assert table in build_model_card(model_dir, benchmark=bench).text  # `rmtkd benchmark --output` folder
+    assert table in build_model_card(model_dir, benchmark=bench / "benchmark.md").text
+    message = r"`benchmark` must be a benchmark\.md or a folder holding one, got '.*/nowhere'; pass the `--output`"
+    with pytest.raises(ValueError, match=message):
+        build_model_card(model_dir, benchmark=tmp_path / "nowhere")
+
+
 def test_card_without_report_says_the_folder_is_not_an_rmtkd_output(model_dir):
     (model_dir / "rmtkd_report.json").unlink()
     with pytest.raises(ValueError, match=r"has no rmtkd_report\.json, so it is not an RMT-KD output folder"):
@@ -323,7 +337,8 @@ def test_push_with_wrong_token_fails_clearly_and_leaves_the_folder_unchanged(mod
     before = _digests(model_dir)
     with pytest.raises(
         RMTKDHubError,
-        match=rf"Authentication failed for {hub.url}: set `HF_TOKEN` or run `hf auth login`\. Local files were left",
+        match=rf"Authentication failed for {hub.url}: set `HF_TOKEN` or run `hf auth login`\. Local files were left "
+        r"in place; pushing again is safe and uploads what is missing\.$",
     ) as info:
         push_to_hub(model_dir, REPO_ID, token="hf_wrong", endpoint=hub.url)
     assert isinstance(info.value.__cause__, HfHubHTTPError)

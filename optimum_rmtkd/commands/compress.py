@@ -119,8 +119,15 @@ class CompressCommand(RMTKDBaseCommand):
             print(format_table(["site", "kind", "width", "kept", f"rank ({config.estimator})", "heavy-tailed"], rows))
 
         if args.push_to_hub:
-            from ..hub import push_to_hub
+            from ..hub import RMTKDHubError, push_to_hub
 
             repo_id = args.hub_model_id or Path(args.output).resolve().name
-            url = push_to_hub(result.save_directory, repo_id, private=args.private)
+            try:
+                url = push_to_hub(result.save_directory, repo_id, private=args.private)
+            except RMTKDHubError as error:
+                # The compression is done and saved: say so, and how to push without compressing again.
+                raise RMTKDHubError(
+                    f"{error} The compressed model is saved in {result.save_directory}; push it with "
+                    f"`rmtkd push {result.save_directory} --hub-model-id {repo_id}`."
+                ) from error
             print(f"Pushed to {url}")

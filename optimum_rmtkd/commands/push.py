@@ -10,7 +10,7 @@ from optimum.commands.base import CommandInfo
 from .base import RMTKDBaseCommand, add_common_arguments, describe
 
 EXAMPLES = """examples:
-  rmtkd push minilm-rmtkd --hub-model-id me/minilm-rmtkd
+  rmtkd push minilm-rmtkd --hub-model-id me/minilm-rmtkd --benchmark bench
   HF_ENDPOINT=http://localhost:8080 rmtkd push minilm-rmtkd --hub-model-id me/minilm-rmtkd --private --no-onnx
 """
 
@@ -38,6 +38,9 @@ class PushCommand(RMTKDBaseCommand):
                             help="Token with write access (default: HF_TOKEN, else the one of `hf auth login`).")
         parser.add_argument("--endpoint", default=os.environ.get("HF_ENDPOINT"),
                             help="Hub URL (default: HF_ENDPOINT, else https://huggingface.co).")
+        parser.add_argument("--benchmark", default=None, metavar="BENCHMARK_MD",
+                            help="A benchmark.md, or the --output folder of `rmtkd benchmark`, whose table goes in "
+                                 "the card (default: <folder>/benchmark.md when present).")
         parser.add_argument("--no-onnx", action="store_true",
                             help="Leave the onnx/ export out of the upload and of the card (default: include it).")
         parser.add_argument("--commit-message", default=None,
@@ -56,6 +59,6 @@ class PushCommand(RMTKDBaseCommand):
         url = push_to_hub(
             args.folder, repo_id, private=args.private, token=args.token, endpoint=args.endpoint,
             commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr,
-            include_onnx=not args.no_onnx,
+            include_onnx=not args.no_onnx, benchmark=args.benchmark,
         )
         print(f"Pushed {args.folder} to {url}")
