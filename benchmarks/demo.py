@@ -58,6 +58,8 @@ def main(argv=None) -> None:
     analysis = analyze_model(model, tokenizer, "text-classification", splits["train"], config,
                              source="all-MiniLM-L6-v2")
     print(analysis.to_table())
+    print("\nEvery estimator's noise level σ², edge λ₊ and kept rank k per site:")
+    print(analysis.to_estimator_table())
     analysis_json = analysis.save(args.output_dir / "analysis", overwrite=True)
     print(f"Spectrum plots (histogram + fitted MP law + edge): {analysis_json.parent / 'spectra'}")
 

@@ -113,6 +113,18 @@ class RMTKDAnalysis:
         )
         return format_table(header, rows) + "\n" + note
 
+    def to_estimator_table(self) -> str:
+        """A plain-text table: one row per site and estimator with d, n, that estimator's σ², λ₊ (its keep
+        threshold) and rank k, and the width it would cut the site to, so the estimators can be compared side by side."""
+        header = ["site", "d", "n", "estimator", "σ²", "λ₊", "k", "width"]
+        rows = []
+        for site in self.sites:
+            for name in ESTIMATORS:
+                fit = site.fits_by_estimator[name]
+                rows.append([site.name, str(site.original_width), str(site.n_samples), name, f"{fit['sigma2']:.3g}",
+                             f"{fit['edge']:.3g}", str(fit["rank"]), str(self.saved_widths[site.name][name])])
+        return format_table(header, rows)
+
     def save(self, output_dir: Union[str, os.PathLike], overwrite: bool = False, plots: bool = True) -> Path:
         """Write `analysis.json` and, with matplotlib and `plots=True`, `spectra/<site>.png` into `output_dir`.
 

@@ -44,6 +44,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .energy import NVMLPowerSampler, RAPLReader
@@ -57,6 +58,7 @@ from .exporters.onnx import (
 )
 from .utils.import_utils import is_matplotlib_available, require
 from .utils.io import atomic_write_json, atomic_write_text
+from .utils.progress import progress_bars_enabled
 
 logger = logging.get_logger(__name__)
 
@@ -821,45 +823,46 @@ def _benchmark_backend(
         runners = {name: _ONNXRuntimeRunner(onnx_paths[name], device, threads) for name in MODEL_NAMES}
     meter = _energy_meter(backend)
     size_key = report.size_key
-    for batch_size in batch_sizes:
-        for size in sizes:
-            logger.info("Benchmarking %s at batch %d, %s %d.", backend, batch_size, size_key, size)
-            for name, runner in runners.items():
-                runner.set_inputs(feed_for(name, batch_size, size))
-            for _ in range(settings["warmup"]):
-                for runner in runners.values():
-                    runner()
-            peaks = {name: runner.peak_memory_mb() for name, runner in runners.items()}
-            seconds = _time_interleaved(runners, settings["repeats"])
-            for name, runner in runners.items():
-                report.results.append(
-                    BenchmarkResult(
-                        backend=backend,
-                        model=name,
-                        batch_size=batch_size,
-                        sequence_length=size if size_key == "sequence_length" else None,
-                        image_size=size if size_key == "image_size" else None,
-                        **_latency_stats(seconds[name], batch_size),
-                        peak_memory_mb=peaks[name],
-                        threads=runner.threads,
-                        repeats=settings["repeats"],
-                        energy=_measure_energy(meter, runner, batch_size, settings["energy_seconds"]),
-                    )
-                )
-            speedup, ci95 = _speedup_with_ci(seconds["original"], seconds["compressed"], settings["seed"])
-            flops = {name: report.models[name]["flops_per_example"][str(size)] for name in MODEL_NAMES}
-            flop_ratio = flops["original"] / flops["compressed"]
-            report.speedups.append(
-                BenchmarkSpeedup(
+    cells = [(batch_size, size) for batch_size in batch_sizes for size in sizes]
+    for batch_size, size in tqdm(cells, desc=f"Benchmarking {backend}", disable=not progress_bars_enabled(),
+                                 leave=False):
+        logger.info("Benchmarking %s at batch %d, %s %d.", backend, batch_size, size_key, size)
+        for name, runner in runners.items():
+            runner.set_inputs(feed_for(name, batch_size, size))
+        for _ in range(settings["warmup"]):
+            for runner in runners.values():
+                runner()
+        peaks = {name: runner.peak_memory_mb() for name, runner in runners.items()}
+        seconds = _time_interleaved(runners, settings["repeats"])
+        for name, runner in runners.items():
+            report.results.append(
+                BenchmarkResult(
                     backend=backend,
+                    model=name,
                     batch_size=batch_size,
                     sequence_length=size if size_key == "sequence_length" else None,
                     image_size=size if size_key == "image_size" else None,
-                    speedup=speedup,
-                    speedup_ci95=ci95,
-                    flop_ratio=flop_ratio,
-                    speedup_over_flop_ratio=speedup / flop_ratio,
+                    **_latency_stats(seconds[name], batch_size),
+                    peak_memory_mb=peaks[name],
+                    threads=runner.threads,
+                    repeats=settings["repeats"],
+                    energy=_measure_energy(meter, runner, batch_size, settings["energy_seconds"]),
                 )
             )
+        speedup, ci95 = _speedup_with_ci(seconds["original"], seconds["compressed"], settings["seed"])
+        flops = {name: report.models[name]["flops_per_example"][str(size)] for name in MODEL_NAMES}
+        flop_ratio = flops["original"] / flops["compressed"]
+        report.speedups.append(
+            BenchmarkSpeedup(
+                backend=backend,
+                batch_size=batch_size,
+                sequence_length=size if size_key == "sequence_length" else None,
+                image_size=size if size_key == "image_size" else None,
+                speedup=speedup,
+                speedup_ci95=ci95,
+                flop_ratio=flop_ratio,
+                speedup_over_flop_ratio=speedup / flop_ratio,
+            )
+        )
     del runners
     gc.collect()

@@ -50,7 +50,8 @@ def check_columns(dataset: datasets.Dataset, columns: Sequence[Optional[str]], n
         if column is not None and column not in dataset.column_names:
             raise ValueError(
                 f"`{name}` has no column {column!r}; its columns are {', '.join(dataset.column_names)}. "
-                "Pass the right `text_column`/`label_column`."
+                "Pass the right `text_column`/`image_column`/`label_column` (`--text-column`/`--image-column`/"
+                "`--label-column` on the command line)."
             )
 
 

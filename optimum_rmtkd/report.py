@@ -34,6 +34,8 @@ class SiteReport:
     ranks_by_estimator: Dict[str, int]
     eigenvalues: List[float] = field(repr=False)
     plot: Optional[str] = None
+    # Every estimator's noise level and edge beside its rank: they disagree widely on real spectra (DESIGN §1).
+    fits_by_estimator: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -44,16 +46,22 @@ def build_site_report(site, fit: SpectrumFit, kept_width: int, eigenvalues: np.n
 
     The comparison fits do not log their own heavy-tail warnings: the chosen estimator's fit already did.
     """
-    ranks = {}
-    for name in ESTIMATORS:
-        params = {k: v for k, v in fit.params.items() if k in ("quantile", "alpha", "bins", "scale")}
-        ranks[name] = fit.rank if name == fit.estimator else fit_spectrum(eigenvalues, fit.n_samples, name, warn=False, **params).rank
+    params = {k: v for k, v in fit.params.items() if k in ("quantile", "alpha", "bins", "scale")}
+    fits = {
+        name: fit if name == fit.estimator else fit_spectrum(eigenvalues, fit.n_samples, name, warn=False, **params)
+        for name in ESTIMATORS
+    }
+    ranks = {name: int(other.rank) for name, other in fits.items()}
+    fits_by_estimator = {
+        name: {"sigma2": float(other.sigma2), "edge": float(other.edge), "rank": int(other.rank)}
+        for name, other in fits.items()
+    }
     return SiteReport(
         name=site.name, kind=site.kind, layer=site.layer, original_width=site.dim, rank=int(fit.rank),
         kept_width=int(kept_width), estimator=fit.estimator, sigma2=float(fit.sigma2), edge=float(fit.edge),
         q=float(fit.q), n_samples=int(fit.n_samples), ks_distance=float(fit.ks_distance),
         heavy_tailed=bool(fit.heavy_tailed), ranks_by_estimator=ranks,
-        eigenvalues=[float(v) for v in eigenvalues],
+        eigenvalues=[float(v) for v in eigenvalues], fits_by_estimator=fits_by_estimator,
     )
 
 

@@ -81,6 +81,8 @@ class AnalyzeCommand(RMTKDBaseCommand):
             text_pair_column=args.text_pair_column, image_column=args.image_column, source=model_id,
         )
         print(analysis.to_table())
+        print()
+        print(analysis.to_estimator_table())
         if args.output is not None:
             path = analysis.save(args.output, overwrite=args.overwrite, plots=not args.no_plots)
             print(f"Wrote {path}")
