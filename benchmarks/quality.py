@@ -500,7 +500,9 @@ def render_section(tag: str, summary: Dict[str, Any]) -> List[str]:
         f"**Budget:** {summary['budget']}; seeds run: {', '.join(map(str, seeds_run))}. Distillation: the library's `train` "
         f"with teacher = the uncompressed model, α = {protocol['alpha']}, T = {protocol['temperature']}, lr "
         f"{protocol['learning_rate']}, the same steps and data order for every arm of a seed. Widths: "
-        f"`{protocol['output_format']}`. Accuracy on the test split ({protocol['eval_examples']} examples).",
+        f"`{protocol['output_format']}`. Accuracy on the test split ({protocol['eval_examples']} examples). "
+        f"Original: the fine-tuned checkpoint whose `model.safetensors` has SHA-256 `{protocol['model_weights_sha256']}…` "
+        "(each fine-tuning run of `compress_rotten_tomatoes.py` makes a new one, so its arms form a new section).",
         "",
         f"Arms run: {len(arms)} of {len(all_arms())}."
         + (f" Not run because their width rule cuts no site (every width ≥ 90% of 1536, so the compressor keeps the "

@@ -138,7 +138,7 @@ def test_benchmark_report_schema(bert_pair, tmp_path):
         # Exported into the empty cache by this run: the time of export + validation is measured, not reused.
         export = summary["onnx_export"]
         assert set(export) == {"seconds", "max_abs_diff", "atol", "opset", "reused"}
-        assert export["seconds"] > 0 and export["reused"] is False and export["opset"] == 18
+        assert export["seconds"] > 0 and export["reused"] is False and export["opset"] == 23
         assert set(export["max_abs_diff"]) == {"2x16", "3x37"} and max(export["max_abs_diff"].values()) < 1e-4
     assert data["settings"]["reuse_onnx"] is True
 
@@ -440,7 +440,7 @@ def test_onnx_cache_is_reused_only_for_the_same_source(monkeypatch, tmp_path):
     for folder in (first, second):
         folder.mkdir()
         (folder / "config.json").write_text("{}")
-    record = {"seconds": 2.5, "max_abs_diff": {"2x16": 1e-6}, "atol": 1e-4, "opset": 18}
+    record = {"seconds": 2.5, "max_abs_diff": {"2x16": 1e-6}, "atol": 1e-4, "opset": 23}
     assert benchmark_module._onnx_model_path(first, cache) == (cache / "model.onnx", {**record, "reused": False})
     # Same files: reused, with the time measured when the export was made.
     assert benchmark_module._onnx_model_path(first, cache) == (cache / "model.onnx", {**record, "reused": True})

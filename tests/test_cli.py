@@ -167,7 +167,7 @@ def test_benchmark_and_export_help_show_the_library_defaults():
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else str(default)
         assert f"(default: {shown})" in helps[name], name
     helps = {action.dest: action.help for action in _parsers()["export"]._actions}
-    assert f"(default: {onnx.MIN_OPSET})" in helps["opset"]
+    assert f"(default: {onnx.DEFAULT_OPSET}," in helps["opset"]
     assert float(re.search(r"default: ([0-9.e-]+)", helps["atol"]).group(1)) == onnx.DEFAULT_ATOL
 
 

@@ -11,6 +11,8 @@ from onnx import numpy_helper
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from optimum_rmtkd.exporters.onnx import (
+    DEFAULT_OPSET,
+    MIN_OPSET,
     ONNXExportResult,
     RMTKDValidationError,
     _convert_to_fp16,
@@ -49,7 +51,7 @@ def test_export_writes_optimum_layout_and_validates(name, model_dirs, tmp_path):
 
     assert isinstance(result, ONNXExportResult)
     assert result.onnx_path == output_dir / "model.onnx"
-    assert result.passed is True and result.opset == 18 and result.atol == 1e-4
+    assert result.passed is True and result.opset == DEFAULT_OPSET == 23 and result.atol == 1e-4
     # float32 graph against float32 PyTorch: only summation-order rounding, far below the 1e-4 tolerance.
     assert set(result.max_abs_diff) == {"2x16", "3x37"}
     assert all(0 <= diff < 1e-4 for diff in result.max_abs_diff.values())
@@ -65,7 +67,10 @@ def test_export_writes_optimum_layout_and_validates(name, model_dirs, tmp_path):
         AutoTokenizer.from_pretrained(output_dir)
 
     model = onnx.load(str(result.onnx_path))
-    assert {entry.domain: entry.version for entry in model.opset_import}[""] == 18
+    assert {entry.domain: entry.version for entry in model.opset_import}[""] == 23
+    # Opset 23 exports attention as the fused `Attention` op (one per layer), not as MatMul/Softmax/Where.
+    attention_ops = sum(node.op_type == "Attention" for node in model.graph.node)
+    assert attention_ops == (0 if name == "resnet" else AutoConfig.from_pretrained(output_dir).num_hidden_layers)
     session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == EXPECTED_INPUTS[name]
     assert [o.name for o in session.get_outputs()] == ["logits"]
@@ -155,6 +160,15 @@ def test_output_dir_must_not_be_or_contain_input(model_dirs):
         export_onnx(model_dirs["bert"], model_dirs["bert"])
     with pytest.raises(ValueError, match=r"`output_dir` .* must differ from `model_dir` and not contain it"):
         export_onnx(model_dirs["bert"], model_dirs["bert"].parent, overwrite=True)
+
+
+def test_lowest_opset_still_exports_and_validates(model_dirs, tmp_path):
+    result = export_onnx(model_dirs["bert"], tmp_path / "onnx", opset=MIN_OPSET)
+    assert result.passed is True and result.opset == 18
+    model = onnx.load(str(result.onnx_path))
+    assert {entry.domain: entry.version for entry in model.opset_import}[""] == 18
+    # Below opset 23 attention is lowered to primitive ops.
+    assert not any(node.op_type == "Attention" for node in model.graph.node)
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ class ExportCommand(RMTKDBaseCommand):
         parser.add_argument("output", nargs="?", default=None,
                             help="Folder to write (default: <model_dir>/onnx, which `rmtkd push` uploads).")
         parser.add_argument("--opset", type=int, default=None,
-                            help="ONNX opset, at least 18 (default: 18).")
+                            help="ONNX opset, at least 18 (default: 23, which exports attention as the fused `Attention` op).")
         parser.add_argument("--atol", type=float, default=None,
                             help="Tolerance on max |ONNX Runtime - PyTorch| of the logits (default: 1e-4, 1e-2 with "
                                  "--fp16).")

@@ -45,6 +45,11 @@ PathLike = Union[str, os.PathLike]
 ONNX_WEIGHTS_NAME = "model.onnx"
 ONNX_OPTIMIZED_NAME = "model_optimized.onnx"
 MIN_OPSET = 18
+# Opset 23 has the `Attention` op, which the exporter emits for scaled-dot-product attention and ONNX Runtime runs as
+# one fused kernel. Below it, attention is lowered to MatMul/Softmax plus Where/IsNaN masking whose element-wise work
+# over batch × heads × seq² does not shrink with a narrower hidden width: measured on the compressed MiniLM at batch
+# 32 × 128 tokens (ORT 1.32, 2 CPU cores), those ops were 30% of the time, and opset 23 ran it 1.6x faster.
+DEFAULT_OPSET = 23
 OPTIMIZATION_LEVELS = ("basic", "extended", "all")
 DEVICES = ("cpu", "cuda")
 # float32 logits agree to ~1e-6 on the models tested; float16 keeps ~3 significant digits, so its default is looser.
@@ -79,7 +84,7 @@ class ONNXExportResult:
     onnx_path: Path
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     passed: Optional[bool] = None
-    opset: int = MIN_OPSET
+    opset: int = DEFAULT_OPSET
     atol: float = DEFAULT_ATOL
     seconds: float = 0.0
 
@@ -261,7 +266,7 @@ def export_onnx(
     model_dir: PathLike,
     output_dir: PathLike,
     *,
-    opset: int = MIN_OPSET,
+    opset: int = DEFAULT_OPSET,
     validate: bool = True,
     atol: Optional[float] = None,
     optimization_level: Optional[str] = None,
@@ -275,7 +280,8 @@ def export_onnx(
         model_dir (`str` or `os.PathLike`): a `save_pretrained` folder (stock or registered `rmtkd_*` type).
         output_dir (`str` or `os.PathLike`): the folder to write; must not be `model_dir` nor contain it. It is
             written atomically: on any error (a failed validation included) nothing is left behind.
-        opset (`int`, *optional*, defaults to 18): ONNX opset, at least 18 (the dynamo exporter's lowest).
+        opset (`int`, *optional*, defaults to 23): ONNX opset, at least 18 (the dynamo exporter's lowest); 23 and
+            above export attention as the fused `Attention` op.
         validate (`bool`, *optional*, defaults to `True`): run `validate_onnx` on the written file.
         atol (`float`, *optional*): tolerance on max |Δ| of the logits; defaults to 1e-4, or 1e-2 with `fp16`.
         optimization_level (`str`, *optional*): `"basic"`, `"extended"` or `"all"`: ONNX Runtime graph
