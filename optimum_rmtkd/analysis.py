@@ -31,7 +31,7 @@ from transformers.utils import logging
 from .adapters import get_adapter
 from .calibration import collect_statistics
 from .configuration import RMTKDConfig
-from .covariance import merged
+from .covariance import merged, samples_per_view
 from .data import DatasetLike, calibration_subset, check_columns, load_split
 from .report import SiteReport, build_site_report, save_spectrum_plots
 from .rmt import ESTIMATORS, fit_spectrum
@@ -203,9 +203,9 @@ def analyze_model(
     asked: Dict[str, Dict[str, int]] = {}
     fit_kwargs = config.estimator_kwargs()
     for site in sites:
-        pooled = merged([stats[point.key] for point in site.captures])
-        eigenvalues = pooled.eigh(centered=config.centered).eigenvalues.cpu().numpy()
-        fit = fit_spectrum(eigenvalues, pooled.n_samples, **fit_kwargs)
+        views = [stats[point.key] for point in site.captures]
+        eigenvalues = merged(views).eigh(centered=config.centered).eigenvalues.cpu().numpy()
+        fit = fit_spectrum(eigenvalues, samples_per_view(views), **fit_kwargs)
         reports.append(build_site_report(site, fit, site.dim, eigenvalues))
         asked[site.name] = {
             name: adapter.kept_width(model, site, rank, config) for name, rank in reports[-1].ranks_by_estimator.items()

@@ -32,7 +32,7 @@ from transformers.utils import logging
 from .adapters import Site, get_adapter
 from .calibration import collect_statistics, process_shard
 from .configuration import RMTKDConfig
-from .covariance import merged
+from .covariance import merged, samples_per_view
 from .data import DatasetLike, calibration_subset, check_columns, label_mapping, load_split
 from .distillation import evaluate_model, train
 from .report import SiteReport, build_site_report, save_spectrum_plots
@@ -172,7 +172,8 @@ class RMTKDCompressor:
         if calibration_dataset is not None:
             calib_ds = load_split(calibration_dataset, "train")
             calib_tok = prepare(calib_ds, "calibration_dataset", labelled=label_column in calib_ds.column_names)
-            calib_tok = calib_tok.select(range(min(len(calib_tok), config.max_calibration_examples)))
+            # Sampled, not truncated: a file sorted by label or source would otherwise bias the spectra.
+            calib_tok = calibration_subset(calib_tok, 1.0, config.max_calibration_examples, config.seed)
         else:
             calib_tok = calibration_subset(
                 train_tok, config.calibration_fraction, config.max_calibration_examples, config.seed
@@ -193,12 +194,16 @@ class RMTKDCompressor:
 
     # ------------------------------------------------------------------------------------------------------------
     def _check_save_directory(self, save_directory: Path, overwrite: bool) -> None:
-        if self.source is not None and Path(self.source).exists():
-            if save_directory.resolve() == Path(self.source).resolve():
-                raise ValueError(
-                    f"`save_directory` {str(save_directory)!r} is the input model's folder; choose another folder so "
-                    "the original model is not overwritten."
-                )
+        source = self.source or getattr(self.model, "name_or_path", None)
+        if source and Path(source).exists():
+            source_path = Path(source).resolve()
+            # Writing replaces the whole folder (and its checkpoints folder): the input must lie in neither.
+            for folder in (save_directory.resolve(), Path(f"{save_directory}.checkpoints").resolve()):
+                if source_path == folder or folder in source_path.parents:
+                    raise ValueError(
+                        f"`save_directory` {str(save_directory)!r} is or contains the input model's folder "
+                        f"{str(source)!r}; choose another folder so the original model is not overwritten."
+                    )
         if save_directory.exists() and any(save_directory.iterdir()) and not overwrite:
             raise FileExistsError(
                 f"`save_directory` {str(save_directory)!r} exists and is not empty; choose another folder or pass "
@@ -248,6 +253,13 @@ class _Run:
                 DataLoader(test_tok.with_format("torch"), batch_size=config.batch_size * 2, collate_fn=collator)
             ) if test_tok is not None else None
         )
+        # What a checkpoint must match to be resumed: the same input model, task and data, not only the same config.
+        self.identity = {
+            "source": compressor.source, "task": compressor.task,
+            "model_config": compressor.model.config.to_dict(),
+            "parameters": count_parameters(compressor.model),
+            "examples": {"train": len(train_tok), "eval": len(eval_tok), "calibration": len(calib_tok)},
+        }
         shard = process_shard(calib_tok, accelerator)
         self.calibration_loader = DataLoader(
             shard.with_format("torch"), batch_size=config.batch_size, collate_fn=collator
@@ -269,9 +281,9 @@ class _Run:
         widths: Dict[str, int] = {}
         reports: Dict[str, SiteReport] = {}
         for site in sites:
-            pooled = merged([stats[point.key] for point in site.captures])
-            eig = pooled.eigh(centered=config.centered)
-            fit = fit_spectrum(eig.eigenvalues.cpu().numpy(), pooled.n_samples, **config.estimator_kwargs())
+            views = [stats[point.key] for point in site.captures]
+            eig = merged(views).eigh(centered=config.centered)
+            fit = fit_spectrum(eig.eigenvalues.cpu().numpy(), samples_per_view(views), **config.estimator_kwargs())
             width = self.adapter.kept_width(model, site, fit.rank, config)
             widths[site.name] = width
             reports[site.name] = build_site_report(site, fit, width, eig.eigenvalues.cpu().numpy())
@@ -301,11 +313,15 @@ class _Run:
         if not path.is_file():
             return None
         state = json.loads(path.read_text())
-        if state.get("config") != self.config.to_dict():
-            logger.warning(
-                "Checkpoints in %s were made with another configuration; starting from scratch.", self.checkpoints
+        current = {"config": self.config.to_dict(), "identity": json.loads(json.dumps(self.identity))}
+        differing = [key for key, value in current.items() if state.get(key) != value]
+        if differing:
+            # Refuse rather than restart: restarting would delete the other run's stages.
+            raise ValueError(
+                f"The checkpoints in {str(self.checkpoints)!r} belong to another run (its {' and '.join(differing)} "
+                "differ); pass `resume=False` (`--no-resume`) to start over and replace them, or choose another "
+                "`save_directory`."
             )
-            return None
         return state
 
     # --- the pipeline ------------------------------------------------------------------------------------------
@@ -341,7 +357,7 @@ class _Run:
 
     def initial_state(self) -> Dict[str, Any]:
         return {
-            "config": self.config.to_dict(), "completed_stages": 0, "stages": [], "sites": {},
+            "config": self.config.to_dict(), "identity": self.identity, "completed_stages": 0, "stages": [], "sites": {},
             "baseline_metric": None, "baseline_test_metric": None, "stop_reason": None,
             "parameters_original": None, "calibration_peak_rss_mb": 0.0,
         }
@@ -411,6 +427,7 @@ class _Run:
         reduction = 1 - record["parameters"] / state["parameters_original"]
         if config.max_metric_drop is not None and state["baseline_metric"] - metric > config.max_metric_drop:
             record["reverted"] = True
+            record["parameters"] = count_parameters(teacher)  # the model going on is the one before the cut
             if config.on_metric_drop == "stop":
                 state["stop_reason"] = (
                     f"validation metric {metric:.4f} fell more than {config.max_metric_drop} below the uncompressed "
@@ -433,7 +450,8 @@ class _Run:
             save_compressed_model(
                 model, self.compressor.preprocessor, self.save_directory, self.config.output_format, overwrite=True,
                 config=self.config, report=report,
-                plots=lambda folder: save_spectrum_plots(state["sites"], folder, report),
+                # The report's sites carry the widths the saved model really has (a reverted stage keeps its own).
+                plots=lambda folder: save_spectrum_plots({s["name"]: s for s in report["sites"]}, folder, report),
             )
             shutil.rmtree(self.checkpoints, ignore_errors=True)
         accelerator.wait_for_everyone()

@@ -155,6 +155,8 @@ class RMTKDConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+        if self.histogram_bins is not None and self.histogram_bins < 2:
+            raise ValueError(f"`histogram_bins` must be at least 2, got {self.histogram_bins}.")
         _check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0, low_open=False)
 
     def to_dict(self) -> Dict[str, Any]:

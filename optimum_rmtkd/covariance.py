@@ -120,6 +120,16 @@ def merged(accumulators: Sequence["SecondMomentAccumulator"]) -> "SecondMomentAc
     return pooled
 
 
+def samples_per_view(accumulators: Sequence["SecondMomentAccumulator"]) -> int:
+    """The n of the Marchenko–Pastur null for a site pooled from several capture points.
+
+    The points are views of the same inputs (the residual stream after every layer sees the same tokens), and
+    neighbouring views are strongly correlated, so they are not independent samples: counting their total would
+    shrink q = d/n by the number of views and lower the bulk edge. The largest single view's count is used.
+    """
+    return max(acc.n_samples for acc in accumulators)
+
+
 def reduce_accumulators(accumulators: Dict[str, SecondMomentAccumulator], accelerator) -> None:
     """Sum every accumulator's state across processes in one collective call (no-op for a single process).
 

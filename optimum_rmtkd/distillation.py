@@ -105,10 +105,6 @@ def train(
     pre-compression fine-tuning). `stop_check`, when given, is called after each epoch and ends training early
     when it returns `True` (the paper's "train until validation accuracy exceeds a threshold").
     """
-    steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
-    total_steps = max(1, math.ceil(steps_per_epoch * epochs))
-    if config.max_distillation_steps is not None and teacher is not None:
-        total_steps = min(total_steps, config.max_distillation_steps)
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
     groups = [
         {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
@@ -116,8 +112,17 @@ def train(
         {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
-    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    # Counted on the prepared loader: each process sees 1/num_processes of the batches. Accelerate's wrapped
+    # scheduler advances num_processes steps per optimizer step, so its horizon is the steps of all processes.
+    steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
+    total_steps = max(1, math.ceil(steps_per_epoch * epochs))
+    if config.max_distillation_steps is not None and teacher is not None:
+        total_steps = min(total_steps, config.max_distillation_steps)
+    schedule_steps = total_steps * accelerator.num_processes
+    scheduler = accelerator.prepare_scheduler(
+        get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * schedule_steps), schedule_steps)
+    )
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval()
 
@@ -149,6 +154,7 @@ def train(
             break
     progress.close()
     logger.info("%s: %d optimizer steps, last loss %.4f", description, step, loss.item())
-    unwrapped = accelerator.unwrap_model(model)
+    # Drop Accelerate's autocast wrapper: later calibration and the returned model must run in full precision.
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     accelerator.free_memory()
     return unwrapped

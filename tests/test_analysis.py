@@ -60,3 +60,13 @@ def test_estimator_table_has_one_row_per_site_and_estimator(analysis):
             assert row[1] == str(site.original_width) and row[2] == str(site.n_samples)
             assert row[6] == str(site.fits_by_estimator[name]["rank"])
             assert row[7] == str(result.saved_widths[site.name][name])
+
+
+def test_pooled_hidden_site_counts_its_tokens_once(analysis):
+    result, model, _ = analysis
+    # The hidden site pools the residual stream after every layer: the same tokens seen 2L + 1 times. Its MP null
+    # uses the token count (as each single-view FFN site does), not the pooled total, so q is not understated.
+    hidden = next(site for site in result.sites if site.name == "hidden")
+    ffn = [site for site in result.sites if site.kind == "ffn"]
+    assert {site.n_samples for site in ffn} == {hidden.n_samples}
+    assert hidden.q == pytest.approx(model.config.hidden_size / hidden.n_samples, rel=1e-12)

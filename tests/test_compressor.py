@@ -100,6 +100,26 @@ def test_interrupted_run_resumes_from_its_last_stage(bert_dir, text_splits, tmp_
     assert result.report["sites"][0]["kept_width"] == result.model.config.hidden_size
 
 
+def test_checkpoints_of_another_run_are_not_resumed(bert_dir, text_splits, tmp_path, monkeypatch):
+    real_train, calls = compressor_module.train, {"n": 0}
+
+    def failing_train(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(compressor_module, "train", failing_train)
+    with pytest.raises(KeyboardInterrupt):
+        _compress(bert_dir, text_splits, tmp_path / "out")
+    monkeypatch.setattr(compressor_module, "train", real_train)
+    other_data = dict(text_splits, train=text_splits["train"].select(range(100)))
+    with pytest.raises(ValueError, match=r"belong to another run \(its identity differ\); pass `resume=False`"):
+        _compress(bert_dir, other_data, tmp_path / "out")
+    # Nothing of the interrupted run was lost.
+    assert [p.name for p in (tmp_path / "out.checkpoints").glob("stage-*")] == ["stage-1"]
+
+
 def test_metric_drop_keeps_the_previous_stage(bert_dir, text_splits, tmp_path):
     scores = iter([0.9, 0.5, 0.1, 0.1, 0.1])  # baseline, before/after stage 1, final
 
@@ -176,10 +196,20 @@ def test_empty_dataset(bert_dir, text_splits, tmp_path):
 
 
 def test_save_directory_is_the_input_directory(bert_dir, text_splits):
-    with pytest.raises(ValueError, match="is the input model's folder; choose another folder"):
+    with pytest.raises(ValueError, match="is or contains the input model's folder .*; choose another folder"):
         RMTKDCompressor.from_pretrained(bert_dir).compress(
             text_splits["train"], text_splits["validation"], RMTKDConfig(**FAST), save_directory=bert_dir
         )
+
+
+def test_save_directory_holding_the_input_model_is_refused(bert_dir, text_splits):
+    # overwrite=True replaces the whole folder: the input model inside it would be deleted.
+    with pytest.raises(ValueError, match="is or contains the input model's folder"):
+        RMTKDCompressor.from_pretrained(bert_dir).compress(
+            text_splits["train"], text_splits["validation"], RMTKDConfig(**FAST), save_directory=bert_dir.parent,
+            overwrite=True,
+        )
+    assert (bert_dir / "config.json").is_file()
 
 
 def test_non_empty_save_directory_needs_overwrite(bert_dir, text_splits, tmp_path):

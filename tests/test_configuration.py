@@ -20,6 +20,7 @@ from optimum_rmtkd import RMTKDConfig
         ({"target_reduction": 1.0}, r"`target_reduction` must be in \(0.0, 1.0\), got 1.0."),
         ({"max_metric_drop": -0.1}, "`max_metric_drop` must be >= 0 or None, got -0.1."),
         ({"max_stages": 0}, "`max_stages` must be a positive integer or None, got 0."),
+        ({"histogram_bins": 1}, "`histogram_bins` must be at least 2, got 1."),
         ({"on_metric_drop": "retry"}, "`on_metric_drop` must be one of 'stop', 'skip', got 'retry'."),
         ({"mixed_precision": "fp8"}, "`mixed_precision` must be one of 'no', 'fp16', 'bf16', got 'fp8'."),
     ],

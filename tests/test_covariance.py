@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from optimum_rmtkd.covariance import SecondMomentAccumulator, reduce_accumulators
+from optimum_rmtkd.covariance import SecondMomentAccumulator, merged, reduce_accumulators, samples_per_view
 
 
 def _data(seed=0, n=200, d=7):
@@ -101,3 +101,11 @@ def test_fewer_than_two_samples_rejected():
     acc.update(torch.ones(1, 7))
     with pytest.raises(ValueError, match="At least 2 samples are needed .* got 1"):
         acc.second_moment()
+
+
+def test_samples_per_view_is_the_largest_single_count():
+    views = [SecondMomentAccumulator(3) for _ in range(3)]
+    for count, view in zip((5, 9, 7), views):
+        view.update(torch.randn(count, 3, dtype=torch.float64))
+    assert merged(views).n_samples == 21
+    assert samples_per_view(views) == 9
