@@ -110,7 +110,10 @@ class TransformerEncoderAdapter(Adapter):
                 + (lay.head_input,),
                 norms=(lay.embeddings_norm,)
                 + tuple(self._layer(i, n) for i in range(n_layers) for n in (lay.attention_norm, lay.output_norm)),
-                extra_captures=attention + (CapturePoint(lay.head_output, side="input", layout="vector"),),
+                extra_captures=attention + (
+                    CapturePoint(lay.head_input, side="input", layout="vector"),
+                    CapturePoint(lay.head_output, side="input", layout="vector"),
+                ),
             )
         ]
         for i in range(n_layers):
@@ -239,9 +242,11 @@ class TransformerEncoderAdapter(Adapter):
             set_submodule(model, out_norm, slice_layer_norm(model.get_submodule(out_norm), keep))
             stream_in = CapturePoint(out_norm)
 
-        # Task head: its first dense reads the stream (a [CLS]-like vector) and its width is tied to the hidden
-        # width by the stock config, so it loses channels too, chosen on the head's own activations.
-        self._refit_and_slice_reader(model, lay.head_input, keep, stats[stream_in.key].second_moment(), ridge)
+        # Task head: its first dense reads only the [CLS] vector of the stream, so it is refitted on the second
+        # moment of that vector, not of every token; its width is tied to the hidden width by the stock config, so
+        # it loses channels too, chosen on the head's own activations.
+        head_in = stats[CapturePoint(lay.head_input, side="input", layout="vector").key]
+        self._refit_and_slice_reader(model, lay.head_input, keep, head_in.second_moment(), ridge)
         head_acc = stats[CapturePoint(lay.head_output, side="input", layout="vector").key]
         head_keep = select_channels(head_acc.eigh(centered=config.centered).eigenvectors, width)
         set_submodule(model, lay.head_input, slice_linear_outputs(model.get_submodule(lay.head_input), head_keep))
