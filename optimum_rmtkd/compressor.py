@@ -260,6 +260,12 @@ class _Run:
             "parameters": count_parameters(compressor.model),
             "examples": {"train": len(train_tok), "eval": len(eval_tok), "calibration": len(calib_tok)},
         }
+        if len(calib_tok) < accelerator.num_processes:
+            # An empty shard would raise on one process while the others wait forever in the all-reduce.
+            raise ValueError(
+                f"The calibration set has {len(calib_tok)} examples, fewer than the {accelerator.num_processes} "
+                "processes; pass a larger `calibration_dataset` or raise `calibration_fraction`."
+            )
         shard = process_shard(calib_tok, accelerator)
         self.calibration_loader = DataLoader(
             shard.with_format("torch"), batch_size=config.batch_size, collate_fn=collator
