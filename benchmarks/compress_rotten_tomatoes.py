@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     timings = {}
 
     original_dir = out / "original"
-    if not (original_dir / "config.json").is_file():
+    if not (original_dir / "model.safetensors").is_file():  # weights are not committed: fine-tune on a fresh clone
         start = time.perf_counter()
         model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
         model = train(model, data["train"], accelerator, config, epochs=args.finetune_epochs, description="Fine-tuning")
