@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-eval", type=int, default=None, help="subsample validation/test (default: all)")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--finetune-epochs", type=float, default=1.0)
-    parser.add_argument("--distillation-epochs", type=float, default=2.0)
+    parser.add_argument("--distillation-epochs", type=float, default=3.0)
     parser.add_argument("--estimator", default="mp-median")
     parser.add_argument("--quantile", type=float, default=0.5)
     parser.add_argument("--sites", nargs="+", default=["ffn", "hidden"])
