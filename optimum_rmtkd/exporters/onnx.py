@@ -184,6 +184,8 @@ def _torch_export(model: PreTrainedModel, onnx_path: Path, opset: int) -> None:
     with warnings.catch_warnings():
         # Each input repeats the axis names "batch_size"/"sequence_length"; torch notes that it merges them.
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+        # torch 2.13's exporter trips its own pytree deprecation (`LeafSpec`); nothing a user can act on.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         torch.onnx.export(
             model,
             (),
