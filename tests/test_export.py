@@ -69,8 +69,14 @@ def test_export_writes_optimum_layout_and_validates(name, model_dirs, tmp_path):
     model = onnx.load(str(result.onnx_path))
     assert {entry.domain: entry.version for entry in model.opset_import}[""] == 23
     # Opset 23 exports attention as the fused `Attention` op (one per layer), not as MatMul/Softmax/Where.
-    attention_ops = sum(node.op_type == "Attention" for node in model.graph.node)
-    assert attention_ops == (0 if name == "resnet" else AutoConfig.from_pretrained(output_dir).num_hidden_layers)
+    config = AutoConfig.from_pretrained(output_dir)
+    attention_ops = [node for node in model.graph.node if node.op_type == "Attention"]
+    assert len(attention_ops) == (0 if name == "resnet" else config.num_hidden_layers)
+    # ...read in the 3-D layout: no head transposes left around it (`graph_passes`).
+    assert not any(node.op_type == "Transpose" for node in model.graph.node)
+    for node in attention_ops:
+        heads = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}["q_num_heads"]
+        assert heads == config.num_attention_heads
     session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == EXPECTED_INPUTS[name]
     assert [o.name for o in session.get_outputs()] == ["logits"]

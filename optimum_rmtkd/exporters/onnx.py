@@ -201,6 +201,18 @@ def _torch_export(model: PreTrainedModel, onnx_path: Path, opset: int) -> None:
         )
 
 
+def _fold_attention_layouts(onnx_path: Path) -> None:
+    """Rewrite the written graph's `Attention` nodes to the 3-D layout (`graph_passes`); weights are not touched."""
+    import onnx
+
+    from .graph_passes import fold_attention_head_transposes
+
+    # External weights stay where they are: only the graph protobuf is read and rewritten.
+    model_proto = onnx.load(str(onnx_path), load_external_data=False)
+    if fold_attention_head_transposes(model_proto):
+        onnx.save(model_proto, str(onnx_path))
+
+
 def _copy_model_files(model_dir: Path, output_dir: Path) -> None:
     for source in sorted(model_dir.iterdir()):
         name = source.name
@@ -339,6 +351,7 @@ def export_onnx(
     with atomic_directory(output_dir, overwrite=overwrite) as tmp_dir:
         onnx_path = tmp_dir / ONNX_WEIGHTS_NAME
         _torch_export(model, onnx_path, opset)
+        _fold_attention_layouts(onnx_path)
         _copy_model_files(model_dir, tmp_dir)
         if fp16 or optimization_level is not None:
             optimized_path = tmp_dir / ONNX_OPTIMIZED_NAME
