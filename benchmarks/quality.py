@@ -238,7 +238,17 @@ class Bench:
             for name, width in spectra["widths"][rule].items():
                 spectra["sites"][name]["rules"][rule]["kept_width"] = width
         spectra["calibration_s"] = time.perf_counter() - start
-        atomic_write_json(self.folder / "spectra" / f"seed-{seed}.json", spectra)
+        spectra_path = self.folder / "spectra" / f"seed-{seed}.json"
+        if spectra_path.exists():
+            # A resumed run recalibrates the same subset; thread counts can move the fits in the last digits and, at
+            # a rounding boundary, a width. The arms already stored used the stored widths: keep those, and the file.
+            stored = json.loads(spectra_path.read_text())
+            if stored["widths"] != spectra["widths"]:
+                print(f"[seed {seed}] recalibration moved some widths; keeping the stored ones of {spectra_path}",
+                      flush=True)
+            spectra["widths"] = stored["widths"]
+        else:
+            atomic_write_json(spectra_path, spectra)
         self._seed_cache[seed] = {"stats": stats, "widths": spectra["widths"]}
         print(f"[seed {seed}] calibrated {len(subset)} examples in {spectra['calibration_s']:.0f} s; widths "
               + "; ".join(f"{r}: {'/'.join(str(w) for w in ws.values())}" for r, ws in spectra["widths"].items()),
