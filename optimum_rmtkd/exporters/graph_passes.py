@@ -117,7 +117,7 @@ def fold_attention_head_transposes(model: onnx.ModelProto) -> int:
 
     Only the exact pattern is rewritten (Q, K and V each `Transpose(Reshape(x))` into heads with constant head
     counts, the output merged back by `Transpose` then `Reshape`, no intermediate consumed elsewhere, no past
-    key/value); any other `Attention` is left as exported. Returns the number of rewritten nodes.
+    key/value); any other `Attention` is left as exported. Returns how many `Attention` nodes were rewritten.
     """
     graph = model.graph
     index = _GraphIndex(graph)
@@ -171,7 +171,9 @@ def _remove_dead_nodes(graph: onnx.GraphProto) -> None:
         if len(alive) == len(graph.node):
             break
         _keep_nodes(graph, alive)
-    for initializer in [init for init in graph.initializer if init.name not in read]:
+    # An initializer also listed as a graph input (IR < 4 style) is a default value: dropping it would make it required.
+    inputs = {value.name for value in graph.input}
+    for initializer in [init for init in graph.initializer if init.name not in read | inputs]:
         graph.initializer.remove(initializer)
 
 
