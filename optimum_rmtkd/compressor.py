@@ -39,7 +39,7 @@ from .report import SiteReport, build_site_report, save_spectrum_plots
 from .rmt import fit_spectrum
 from .saving import load_checkpoint, save_compressed_model, weights_size
 from .tasks import get_task
-from .utils.io import atomic_write_json
+from .utils.io import atomic_write_json, is_same_or_inside
 from .version import __version__
 
 logger = logging.get_logger(__name__)
@@ -196,10 +196,9 @@ class RMTKDCompressor:
     def _check_save_directory(self, save_directory: Path, overwrite: bool) -> None:
         source = self.source or getattr(self.model, "name_or_path", None)
         if source and Path(source).exists():
-            source_path = Path(source).resolve()
             # Writing replaces the whole folder (and its checkpoints folder): the input must lie in neither.
-            for folder in (save_directory.resolve(), Path(f"{save_directory}.checkpoints").resolve()):
-                if source_path == folder or folder in source_path.parents:
+            for folder in (save_directory, Path(f"{save_directory}.checkpoints")):
+                if is_same_or_inside(source, folder):
                     raise ValueError(
                         f"`save_directory` {str(save_directory)!r} is or contains the input model's folder "
                         f"{str(source)!r}; choose another folder so the original model is not overwritten."

@@ -36,7 +36,7 @@ from transformers import (
 from transformers.utils import logging
 
 from ..utils.import_utils import require
-from ..utils.io import atomic_directory
+from ..utils.io import atomic_directory, is_same_or_inside
 
 logger = logging.get_logger(__name__)
 
@@ -327,8 +327,7 @@ def export_onnx(
         raise ValueError(
             f"`optimization_level` must be None or one of {OPTIMIZATION_LEVELS}, got {optimization_level!r}."
         )
-    resolved_model, resolved_output = model_dir.resolve(), output_dir.resolve()
-    if resolved_output == resolved_model or resolved_output in resolved_model.parents:
+    if is_same_or_inside(model_dir, output_dir):
         raise ValueError(
             f"`output_dir` {str(output_dir)!r} must differ from `model_dir` and not contain it, since it is replaced "
             f"as a whole; choose a new folder."

@@ -47,6 +47,12 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def is_same_or_inside(path: PathLike, folder: PathLike) -> bool:
+    """Whether `path` is `folder` or lies below it (after resolving links): replacing `folder` would delete it."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 @contextlib.contextmanager
 def atomic_directory(final_dir: PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final_dir` that replaces it only when the block succeeds.
