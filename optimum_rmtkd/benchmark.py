@@ -22,6 +22,9 @@ How it measures (so that a speed-up means what it says):
 - Threads: `threads` sets PyTorch's intra-op threads and ONNX Runtime's `intra_op_num_threads`; otherwise each
   library's default (PyTorch: its `get_num_threads()`; ONNX Runtime: one per physical core). ONNX Runtime's idle
   worker spinning is turned off, so one session's spinning workers cannot take the cores of the other's call.
+- ONNX Runtime sessions: `ort_session_options(device, ort_disabled_optimizers)`, the options the exporter
+  recommends for deployment (on CPU, ONNX Runtime's defaults less the `SkipLayerNormFusion` rewrite, whose kernel
+  is slower than the ops it fuses); the same for both models, and recorded in the report's settings.
 - ONNX files: a folder's own export, or `export_onnx` (validated against PyTorch) into a cache; the wall time of
   export + validation is kept in `models[name]["onnx_export"]`.
 - Energy: after timing, each model runs alone for at least `energy_seconds` under a meter: NVML on CUDA backends,
@@ -49,11 +52,14 @@ from transformers.utils import logging
 
 from .energy import NVMLPowerSampler, RAPLReader
 from .exporters.onnx import (
+    CPU_DISABLED_OPTIMIZERS,
     ONNX_WEIGHTS_NAME,
+    check_optimizer_names,
     export_onnx,
     is_image_config,
     load_classification_model,
     onnx_input_names,
+    ort_session_options,
     random_inputs,
 )
 from .utils.import_utils import is_matplotlib_available, require
@@ -202,6 +208,9 @@ class BenchmarkReport:
             )
         for skip in self.skipped:
             lines.append(f"\n{skip['backend']} not measured: {skip['reason']}.")
+        for backend, names in self.settings.get("ort_disabled_optimizers", {}).items():
+            if names and any(r.backend == backend for r in self.results):
+                lines.append(f"\n{backend} sessions leave off the ONNX Runtime rewrites {', '.join(names)}.")
         energy_reasons = sorted({r.energy["reason"] for r in self.results if not r.energy["available"]})
         for reason in energy_reasons:
             lines.append(f"\nEnergy n/a: {reason}.")
@@ -381,7 +390,7 @@ class _PyTorchRunner:
 
 
 class _ONNXRuntimeRunner:
-    def __init__(self, onnx_path: Path, device: str, threads: Optional[int]):
+    def __init__(self, onnx_path: Path, device: str, threads: Optional[int], disabled_optimizers: Sequence[str]):
         import onnxruntime as ort
         import psutil
 
@@ -390,6 +399,7 @@ class _ONNXRuntimeRunner:
         self.device = device
         self.threads = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
         self._thread_option = threads
+        self._disabled_optimizers = tuple(disabled_optimizers)
         providers = (
             [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
             if device == "cuda"
@@ -406,7 +416,7 @@ class _ONNXRuntimeRunner:
     def _options(self, *, memory_arena: bool = True):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
+        options = ort_session_options(self.device, self._disabled_optimizers)
         if self._thread_option is not None:
             options.intra_op_num_threads = self._thread_option
             options.inter_op_num_threads = 1
@@ -641,6 +651,13 @@ def _onnx_model_path(model_dir: Path, cache_dir: Path, *, reuse: bool = True) ->
     return result.onnx_path, {**record, "reused": False}
 
 
+def _disabled_optimizers(backend: str, requested: Optional[Sequence[str]]) -> tuple[str, ...]:
+    """The ONNX Runtime rewrites a backend's sessions leave off: `requested`, else the device's default."""
+    if requested is not None:
+        return tuple(requested)
+    return CPU_DISABLED_OPTIMIZERS if backend == "onnxruntime-cpu" else ()
+
+
 def _check_positive_ints(name: str, values: Sequence[int]) -> tuple[int, ...]:
     values = tuple(values)
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
@@ -663,6 +680,7 @@ def benchmark_models(
     onnx_cache_dir: Optional[PathLike] = None,
     reuse_onnx: bool = True,
     energy_seconds: float = 2.0,
+    ort_disabled_optimizers: Optional[Sequence[str]] = None,
     seed: int = 0,
 ) -> BenchmarkReport:
     """Measure a compressed model against its original on each backend over a grid of batch and input sizes.
@@ -688,6 +706,9 @@ def benchmark_models(
             the export time in `models[name]["onnx_export"]` is measured by this run.
         energy_seconds (`float`, *optional*, defaults to 2.0): length of each energy window, spent only where a
             meter is available.
+        ort_disabled_optimizers (`Sequence[str]`, *optional*): ONNX Runtime graph rewrites to leave off in both
+            models' sessions; `None` means `ort_session_options`' default for each device (CPU:
+            `CPU_DISABLED_OPTIMIZERS`), `()` ONNX Runtime's stock behaviour.
         seed (`int`, *optional*, defaults to 0): seed of the random inputs and of the bootstrap.
 
     Returns:
@@ -715,6 +736,8 @@ def benchmark_models(
         raise ValueError(f"`threads` must be None or a positive int, got {threads!r}.")
     if not energy_seconds > 0:
         raise ValueError(f"`energy_seconds` must be positive, got {energy_seconds!r}.")
+    if ort_disabled_optimizers is not None:
+        ort_disabled_optimizers = check_optimizer_names(ort_disabled_optimizers)
 
     models = {
         "original": load_classification_model(original_dir),
@@ -747,6 +770,11 @@ def benchmark_models(
         "threads": threads,
         "energy_seconds": energy_seconds,
         "reuse_onnx": reuse_onnx,
+        "ort_disabled_optimizers": {
+            backend: list(_disabled_optimizers(backend, ort_disabled_optimizers))
+            for backend in backends
+            if backend.startswith("onnxruntime")
+        },
         "seed": seed,
         "order": "interleaved: original then compressed on even pairs, compressed then original on odd pairs",
         "flops": "torch.utils.flop_counter.FlopCounterMode, batch 1, 2 x multiply-accumulates",
@@ -820,7 +848,8 @@ def _benchmark_backend(
     if backend.startswith("pytorch"):
         runners: dict[str, _Runner] = {name: _PyTorchRunner(models[name], device) for name in MODEL_NAMES}
     else:
-        runners = {name: _ONNXRuntimeRunner(onnx_paths[name], device, threads) for name in MODEL_NAMES}
+        disabled = settings["ort_disabled_optimizers"][backend]
+        runners = {name: _ONNXRuntimeRunner(onnx_paths[name], device, threads, disabled) for name in MODEL_NAMES}
     meter = _energy_meter(backend)
     size_key = report.size_key
     cells = [(batch_size, size) for batch_size in batch_sizes for size in sizes]

@@ -141,6 +141,9 @@ def test_benchmark_report_schema(bert_pair, tmp_path):
         assert export["seconds"] > 0 and export["reused"] is False and export["opset"] == 23
         assert set(export["max_abs_diff"]) == {"2x16", "3x37"} and max(export["max_abs_diff"].values()) < 1e-4
     assert data["settings"]["reuse_onnx"] is True
+    assert data["settings"]["ort_disabled_optimizers"] == {
+        "onnxruntime-cpu": ["SkipLayerNormFusion"], "onnxruntime-cuda": []
+    }
 
     cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
     measured = ["pytorch", "onnxruntime-cpu"] + (["onnxruntime-cuda"] if cuda else [])
@@ -181,6 +184,7 @@ def test_benchmark_report_schema(bert_pair, tmp_path):
     assert "| pytorch | 2 | 8 |" in markdown and "| onnxruntime-cpu | 1 | 8 |" in markdown
     if not cuda:
         assert "onnxruntime-cuda not measured:" in markdown
+    assert "onnxruntime-cpu sessions leave off the ONNX Runtime rewrites SkipLayerNormFusion." in markdown
     assert report.speedup_for("pytorch", 2, 8).batch_size == 2
     assert report.speedup_for("pytorch", 32, 128) is None
 
@@ -205,6 +209,10 @@ def test_image_benchmark_names_its_size(tmp_path):
         ({"batch_sizes": (0,)}, r"`batch_sizes` must be a non-empty sequence of positive ints, got \(0,\)"),
         ({"repeats": 1}, r"`repeats` must be an int of at least 2, got 1"),
         ({"threads": 0}, r"`threads` must be None or a positive int, got 0"),
+        (
+            {"ort_disabled_optimizers": "SkipLayerNormFusion"},
+            r"Disabled optimizers must be a sequence of ONNX Runtime graph transformer names",
+        ),
         (
             {"sequence_lengths": (65,)},
             r"`sequence_lengths` must not exceed the original model's max_position_embeddings \(64\)",

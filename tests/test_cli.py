@@ -171,6 +171,15 @@ def test_benchmark_and_export_help_show_the_library_defaults():
     assert float(re.search(r"default: ([0-9.e-]+)", helps["atol"]).group(1)) == onnx.DEFAULT_ATOL
 
 
+def test_benchmark_disabled_optimizers_flag():
+    parser = _parsers()["benchmark"]
+    base = ["--original", "a", "--compressed", "b"]
+    assert parser.parse_args(base).ort_disabled_optimizers is None  # the library's per-device default
+    assert parser.parse_args(base + ["--ort-disabled-optimizers"]).ort_disabled_optimizers == []  # stock ORT
+    args = parser.parse_args(base + ["--ort-disabled-optimizers", "SkipLayerNormFusion", "BiasGeluFusion"])
+    assert args.ort_disabled_optimizers == ["SkipLayerNormFusion", "BiasGeluFusion"]
+
+
 def test_flags_override_the_config_file_field_by_field(tmp_path):
     config_file = tmp_path / "rmtkd_config.json"
     RMTKDConfig(estimator="gavish-donoho", quantile=0.7, max_stages=2).to_json_file(config_file)

@@ -11,6 +11,7 @@ from onnx import numpy_helper
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from optimum_rmtkd.exporters.onnx import (
+    CPU_DISABLED_OPTIMIZERS,
     DEFAULT_OPSET,
     MIN_OPSET,
     ONNXExportResult,
@@ -18,6 +19,7 @@ from optimum_rmtkd.exporters.onnx import (
     _convert_to_fp16,
     export_onnx,
     load_classification_model,
+    ort_session_options,
     validate_onnx,
 )
 from optimum_rmtkd.saving import save_compressed_model
@@ -144,6 +146,43 @@ def test_graph_optimization_writes_optimized_file(model_dirs, tmp_path):
     domains = {node.domain for node in onnx.load(str(result.onnx_path)).graph.node}
     assert "com.microsoft" in domains
     assert all(diff < 1e-4 for diff in result.max_abs_diff.values())
+
+
+def _optimized_op_types(onnx_path, options, tmp_path) -> set[str]:
+    options.optimized_model_filepath = str(tmp_path / "session-optimized.onnx")
+    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+
+
+def test_cpu_session_options_leave_skip_layer_norm_unfused(bert_export, model_dirs, tmp_path):
+    assert CPU_DISABLED_OPTIMIZERS == ("SkipLayerNormFusion",)
+    stock = _optimized_op_types(bert_export.onnx_path, ort_session_options("cpu", ()), tmp_path)
+    assert "SkipLayerNormalization" in stock
+    recommended = _optimized_op_types(bert_export.onnx_path, ort_session_options("cpu"), tmp_path)
+    assert "SkipLayerNormalization" not in recommended and "LayerNormalization" in recommended
+    # Only the one rewrite is off: the other fusions of the default level still apply.
+    assert "BiasGelu" in recommended or "Gelu" in recommended
+
+    # The export's own ahead-of-time optimisation uses the same options, and still matches PyTorch.
+    result = export_onnx(model_dirs["bert"], tmp_path / "optimized", optimization_level="extended")
+    op_types = {node.op_type for node in onnx.load(str(result.onnx_path)).graph.node}
+    assert "SkipLayerNormalization" not in op_types and "LayerNormalization" in op_types
+    assert all(diff < 1e-4 for diff in result.max_abs_diff.values())
+
+
+def test_session_options_per_device_and_refusals(bert_export, tmp_path):
+    # CUDA options can be built without a GPU; they keep the fusion, whose slowness was measured on the CPU kernel.
+    assert "SkipLayerNormalization" in _optimized_op_types(bert_export.onnx_path, ort_session_options("cuda"), tmp_path)
+    options = ort_session_options("cpu", ["SkipLayerNormFusion", "BiasGeluFusion"])
+    assert options.get_session_config_entry("optimization.disable_specified_optimizers") == (
+        "SkipLayerNormFusion;BiasGeluFusion"
+    )
+    assert "BiasGelu" not in _optimized_op_types(bert_export.onnx_path, options, tmp_path)
+    for names in ("SkipLayerNormFusion", ["a;b"], [""], [3]):
+        with pytest.raises(ValueError, match=r"sequence of ONNX Runtime graph transformer names"):
+            ort_session_options("cpu", names)
+    with pytest.raises(ValueError, match=r"`device` must be one of \('cpu', 'cuda'\), got 'tpu'"):
+        ort_session_options("tpu")
 
 
 def test_fp16_conversion_keeps_float32_io(bert_export, tmp_path):

@@ -48,6 +48,10 @@ class BenchmarkCommand(RMTKDBaseCommand):
                             help="Intra-op threads of PyTorch and ONNX Runtime (default: each library's own).")
         parser.add_argument("--energy-seconds", type=float, default=None,
                             help="Length of each energy window, spent only where a meter is readable (default: 2.0).")
+        parser.add_argument("--ort-disabled-optimizers", nargs="*", default=None, metavar="NAME",
+                            help="ONNX Runtime graph rewrites to leave off in both models' sessions; give the flag "
+                                 "with no name for ONNX Runtime's stock behaviour (default: SkipLayerNormFusion on "
+                                 "CPU, whose kernel is slower than the ops it fuses; none on CUDA).")
         parser.add_argument("--seed", type=int, default=None,
                             help="Seed of the random inputs and of the bootstrap (default: 0).")
         parser.add_argument("-o", "--output", default=None,
@@ -70,7 +74,7 @@ class BenchmarkCommand(RMTKDBaseCommand):
 
         # Only the flags given are passed, so the defaults are benchmark_models' own.
         names = ("backends", "batch_sizes", "sequence_lengths", "image_sizes", "warmup", "repeats", "threads",
-                 "energy_seconds", "seed", "onnx_cache_dir")
+                 "energy_seconds", "ort_disabled_optimizers", "seed", "onnx_cache_dir")
         options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
         report = benchmark_models(args.original, args.compressed, output_dir=args.output, **options)
         print(report.to_markdown())
