@@ -54,6 +54,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-metric-drop", type=float, default=0.015)
     parser.add_argument("--on-metric-drop", choices=("stop", "skip"), default="skip",
                         help="undo a stage that breaks --max-metric-drop and stop, or skip it and go on")
+    parser.add_argument("--head-reduction", choices=("shrink", "prune"), default="shrink",
+                        help="how attention follows the narrower hidden width: narrower heads or fewer whole heads")
     parser.add_argument("--control", action="store_true", help="also train the self-distilled control")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse a finished compression in <output-dir>/compressed instead of compressing again")
@@ -65,7 +67,7 @@ def main(argv=None) -> None:
     config = RMTKDConfig(
         estimator=args.estimator, quantile=args.quantile, sites=tuple(args.sites), max_length=args.max_length,
         distillation_epochs=args.distillation_epochs, max_metric_drop=args.max_metric_drop,
-        on_metric_drop=args.on_metric_drop, seed=args.seed,
+        on_metric_drop=args.on_metric_drop, head_reduction=args.head_reduction, seed=args.seed,
         learning_rate=5e-5, batch_size=32,
     )
     splits = load_rotten_tomatoes(args.max_train, args.max_eval, seed=args.seed)
@@ -128,7 +130,8 @@ def main(argv=None) -> None:
         f"# RMT-KD on Rotten Tomatoes (all-MiniLM-L6-v2), estimator `{args.estimator}`",
         "",
         f"Budget: {len(splits['train'])} training sentences, max length {args.max_length}, fine-tune "
-        f"{args.finetune_epochs} epoch, {args.distillation_epochs} distillation epoch per stage, seed {args.seed}.",
+        f"{args.finetune_epochs} epoch, {args.distillation_epochs} distillation epoch per stage, attention heads "
+        f"`{args.head_reduction}`, seed {args.seed}.",
         "",
         "| model | parameters | reduction | test accuracy |",
         "|---|---|---|---|",

@@ -107,6 +107,9 @@ def main(argv=None) -> dict[str, Any]:
     )
     parser.add_argument("--reuse-onnx", action="store_true",
                         help="reuse a folder's own or a cached ONNX export instead of exporting and timing afresh")
+    parser.add_argument("--ort-disabled-optimizers", nargs="*", default=None, metavar="NAME",
+                        help="ONNX Runtime rewrites to leave off (default: the library's, SkipLayerNormFusion on "
+                             "CPU); the flag alone keeps ONNX Runtime's stock behaviour")
     parser.add_argument("--target-backend", choices=BACKENDS, default="onnxruntime-cpu")
     parser.add_argument("--target-batch-size", type=int, default=32)
     parser.add_argument(
@@ -129,6 +132,7 @@ def main(argv=None) -> dict[str, Any]:
         energy_seconds=args.energy_seconds,
         onnx_cache_dir=args.onnx_cache_dir,
         reuse_onnx=args.reuse_onnx,
+        ort_disabled_optimizers=args.ort_disabled_optimizers,
     )
     print(report.to_markdown())
 

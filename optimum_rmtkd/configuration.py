@@ -15,6 +15,7 @@ SITE_KINDS = ("hidden", "ffn", "channels")
 OUTPUT_FORMATS = ("stock", "per-layer")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 METRIC_DROP_ACTIONS = ("stop", "skip")
+HEAD_REDUCTIONS = ("shrink", "prune")
 CONFIG_NAME = "rmtkd_config.json"
 
 
@@ -56,6 +57,11 @@ class RMTKDConfig:
         width_multiple (`int`, *optional*, defaults to 8): kept widths are rounded up to this multiple
             (matrix-unit friendly), never above the original width.
         min_width (`int`, *optional*, defaults to 8): no site is reduced below this width.
+        head_reduction (`str`, *optional*, defaults to `"shrink"`): how attention follows a narrower hidden width
+            (`hidden = heads × head size` in the stock format): `shrink` keeps every head, each narrower, rotated
+            onto its leading query/key and value directions; `prune` keeps whole heads of unchanged size, those
+            whose output carries the most energy, and rounds the width to a multiple of the head size. Fewer,
+            wider heads run attention faster on CPU, whose softmax work scales with the number of heads.
         ridge (`float`, *optional*, defaults to 1e-4): ridge of the least-squares refit of readers, relative
             to the mean diagonal of the kept second moment.
         output_format (`str`, *optional*, defaults to `"stock"`): `stock` saves the stock architecture with
@@ -98,6 +104,7 @@ class RMTKDConfig:
     sites: Tuple[str, ...] = ("hidden", "ffn")
     width_multiple: int = 8
     min_width: int = 8
+    head_reduction: str = "shrink"
     ridge: float = 1e-4
     output_format: str = "stock"
     alpha: float = 0.7
@@ -127,6 +134,7 @@ class RMTKDConfig:
         _check_choice("output_format", self.output_format, OUTPUT_FORMATS)
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         _check_choice("on_metric_drop", self.on_metric_drop, METRIC_DROP_ACTIONS)
+        _check_choice("head_reduction", self.head_reduction, HEAD_REDUCTIONS)
         if not self.sites:
             raise ValueError("`sites` must name at least one site kind, got an empty sequence.")
         for kind in self.sites:

@@ -13,9 +13,11 @@ The residual stream passes through LayerNorms, which are not rotation-equivarian
 through them breaks the model even at full width. In the stock format it is therefore reduced by keeping
 coordinates (pivoted QR on the kept eigenvectors), slicing every LayerNorm with them and refitting each reader by
 least squares on the second moment at its own input. The attention inner width must stay `hidden / heads` per
-head in the stock architecture: it follows the hidden width, each head rotated onto the leading eigenvectors of
-its query/key (shared, so scores keep their form) and value activations, with the score scale corrected for the
-new head size. Every step is exact when nothing is cut.
+head in the stock architecture, so it follows the hidden width in one of two ways (`RMTKDConfig.head_reduction`):
+`shrink` rotates each head onto the leading eigenvectors of its query/key (shared, so scores keep their form) and
+value activations, with the score scale corrected for the new head size; `prune` keeps whole heads, those whose
+share of the attention output has the largest second moment, and drops the others. Every step is exact when
+nothing is cut.
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ class TransformerEncoderAdapter(Adapter):
         hidden = self._hidden_inputs(model)
         attention = tuple(
             CapturePoint(self._layer(i, name)) for i in range(n_layers) for name in (lay.query, lay.key, lay.value)
-        )
+        ) + tuple(CapturePoint(self._layer(i, lay.attention_output), side="input") for i in range(n_layers))
         sites = [
             Site(
                 name="hidden",
@@ -139,13 +141,15 @@ class TransformerEncoderAdapter(Adapter):
     def kept_width(self, model: nn.Module, site: Site, rank: int, config: RMTKDConfig) -> int:
         """For the hidden width, align each head's size (hidden / heads) to `width_multiple`: attention runs as
         per-head matmuls of that inner size, and a 14-wide head (168 / 12) wastes the vector units a 16-wide one
-        fills."""
+        fills. Pruning whole heads instead rounds to a multiple of the unchanged head size."""
         if site.kind != "hidden":
             return super().kept_width(model, site, rank, config)
         from ..rmt import round_width
 
         heads = self.heads_constraint(model, site)
         rank = min(max(rank, config.min_width), site.dim)
+        if config.head_reduction == "prune":
+            return round_width(rank, site.dim, math.lcm(config.width_multiple, site.dim // heads))
         return round_width(rank, site.dim, config.width_multiple * heads, num_heads=heads)
 
     # --- surgery ---------------------------------------------------------------------------------------------
@@ -204,7 +208,15 @@ class TransformerEncoderAdapter(Adapter):
         eig = merged([stats[p.key] for p in site.captures]).eigh(centered=config.centered)
         keep = select_channels(eig.eigenvectors, width)
         heads = int(getattr(model.config, lay.heads_field))
-        old_head_dim, new_head_dim = site.dim // heads, width // heads
+        old_head_dim = site.dim // heads
+        prune = config.head_reduction == "prune"
+        if prune and width % old_head_dim:
+            raise ValueError(
+                f"`head_reduction='prune'` keeps whole heads of {old_head_dim} channels, so the hidden width must be a "
+                f"multiple of {old_head_dim}, got {width}; `kept_width` rounds to one."
+            )
+        kept_heads = width // old_head_dim if prune else heads
+        new_head_dim = old_head_dim if prune else width // heads
 
         for path in lay.embeddings:
             set_submodule(model, path, slice_embedding(model.get_submodule(path), keep))
@@ -216,21 +228,29 @@ class TransformerEncoderAdapter(Adapter):
             q_path, k_path, v_path = (self._layer(i, n) for n in (lay.query, lay.key, lay.value))
             for path in (q_path, k_path, v_path):
                 self._refit_and_slice_reader(model, path, keep, sigma_in, ridge)
-            qk_rotation, v_rotation = self._head_rotations(
-                stats, q_path, k_path, v_path, heads, old_head_dim, new_head_dim
-            )
-            query = rotate_linear_outputs(model.get_submodule(q_path), qk_rotation)
-            with torch.no_grad():  # scores are divided by √head_dim: keep q·k/√d unchanged at the new size
-                scale = math.sqrt(new_head_dim / old_head_dim)
-                query.weight.mul_(scale)
-                if query.bias is not None:
-                    query.bias.mul_(scale)
-            set_submodule(model, q_path, query)
-            set_submodule(model, k_path, rotate_linear_outputs(model.get_submodule(k_path), qk_rotation))
-            set_submodule(model, v_path, rotate_linear_outputs(model.get_submodule(v_path), v_rotation))
             out_path = self._layer(i, lay.attention_output)
-            rotated = rotate_linear_inputs(model.get_submodule(out_path), v_rotation)
-            set_submodule(model, out_path, slice_linear_outputs(rotated, keep))
+            output = model.get_submodule(out_path)
+            if prune:
+                context = stats[CapturePoint(out_path, side="input").key].second_moment()
+                inner = _strongest_heads(output.weight[keep.to(output.weight.device)], context, heads, kept_heads)
+                for path in (q_path, k_path, v_path):
+                    set_submodule(model, path, slice_linear_outputs(model.get_submodule(path), inner))
+                output = slice_linear_inputs(output, inner)
+            else:
+                qk_rotation, v_rotation = self._head_rotations(
+                    stats, q_path, k_path, v_path, heads, old_head_dim, new_head_dim
+                )
+                query = rotate_linear_outputs(model.get_submodule(q_path), qk_rotation)
+                with torch.no_grad():  # scores are divided by √head_dim: keep q·k/√d unchanged at the new size
+                    scale = math.sqrt(new_head_dim / old_head_dim)
+                    query.weight.mul_(scale)
+                    if query.bias is not None:
+                        query.bias.mul_(scale)
+                set_submodule(model, q_path, query)
+                set_submodule(model, k_path, rotate_linear_outputs(model.get_submodule(k_path), qk_rotation))
+                set_submodule(model, v_path, rotate_linear_outputs(model.get_submodule(v_path), v_rotation))
+                output = rotate_linear_inputs(output, v_rotation)
+            set_submodule(model, out_path, slice_linear_outputs(output, keep))
             attn_norm = self._layer(i, lay.attention_norm)
             set_submodule(model, attn_norm, slice_layer_norm(model.get_submodule(attn_norm), keep))
 
@@ -252,6 +272,7 @@ class TransformerEncoderAdapter(Adapter):
         set_submodule(model, lay.head_input, slice_linear_outputs(model.get_submodule(lay.head_input), head_keep))
         self._refit_and_slice_reader(model, lay.head_output, head_keep, head_acc.second_moment(), ridge)
         setattr(model.config, lay.hidden_field, width)
+        setattr(model.config, lay.heads_field, kept_heads)
 
     @staticmethod
     def _head_rotations(stats, q_path, k_path, v_path, heads, old_head_dim, new_head_dim):
@@ -283,6 +304,21 @@ class TransformerEncoderAdapter(Adapter):
             keep = torch.arange(width)
             set_submodule(model, writer_path, slice_linear_outputs(model.get_submodule(writer_path), keep))
             set_submodule(model, reader_path, slice_linear_inputs(model.get_submodule(reader_path), keep))
+
+
+def _strongest_heads(output_weight: torch.Tensor, context_moment: torch.Tensor, heads: int, kept: int) -> torch.Tensor:
+    """Inner (Q/K/V output) indices of the `kept` heads whose share of the attention output, W_h c_h, has the largest
+    second moment tr(W_h Σ_h W_hᵀ) (Σ_h: the head's block of the context second moment), in their original order.
+
+    Energy at the output rather than at the values, because that is what the residual stream receives: a head
+    whose values are large but whose output columns are small changes little when dropped.
+    """
+    head_dim = output_weight.shape[1] // heads
+    weights = output_weight.detach().to("cpu", torch.float64).split(head_dim, dim=1)
+    moments = blocks(context_moment.to("cpu", torch.float64), [head_dim] * heads)
+    energy = torch.stack([(weight @ moment * weight).sum() for weight, moment in zip(weights, moments)])
+    chosen = torch.topk(energy, kept).indices.sort().values
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in chosen.tolist()])
 
 
 def rebuild_from_config(model: nn.Module) -> nn.Module:

@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 
 from optimum.commands.base import BaseOptimumCLICommand
 
-from ..configuration import METRIC_DROP_ACTIONS, MIXED_PRECISIONS, OUTPUT_FORMATS, SAMPLE_UNITS, SITE_KINDS
+from ..configuration import (
+    HEAD_REDUCTIONS,
+    METRIC_DROP_ACTIONS,
+    MIXED_PRECISIONS,
+    OUTPUT_FORMATS,
+    SAMPLE_UNITS,
+    SITE_KINDS,
+)
 from ..rmt import ESTIMATORS
 from ..tasks import TASKS
 
@@ -270,6 +277,8 @@ CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
     ConfigFlag("max_calibration_examples", int, 2048, "Cap on calibration examples."),
     ConfigFlag("width_multiple", int, 8, "Kept widths are rounded up to a multiple of this."),
     ConfigFlag("min_width", int, 8, "No site is reduced below this width."),
+    ConfigFlag("head_reduction", str, "shrink", "How attention follows a narrower hidden width: `shrink` every "
+               "head or `prune` whole heads (fewer, wider heads: faster attention on CPU).", choices=HEAD_REDUCTIONS),
     ConfigFlag("output_format", str, "stock", "`stock`: stock architecture, uniform widths, plain from_pretrained; "
                "`per-layer`: each layer's own width in a registered rmtkd_<base> type.", choices=OUTPUT_FORMATS),
     ConfigFlag("distillation_epochs", float, 1.0, "Self-distillation epochs after each reduction."),
@@ -291,7 +300,7 @@ CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
 )
 ANALYSIS_FIELDS = (
     "estimator", "quantile", "tw_alpha", "sigma2_scale", "centered", "sample_unit", "sites", "calibration_fraction",
-    "max_calibration_examples", "width_multiple", "min_width", "output_format", "batch_size", "max_length", "seed",
+    "max_calibration_examples", "width_multiple", "min_width", "head_reduction", "output_format", "batch_size", "max_length", "seed",
 )
 
 

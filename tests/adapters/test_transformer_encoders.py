@@ -39,14 +39,14 @@ def _batches():
     return out
 
 
-def _reduce(model_dir, hidden, ffn, output_format="stock"):
+def _reduce(model_dir, hidden, ffn, output_format="stock", **config):
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     adapter = get_adapter(model)
     sites = adapter.sites(model)
     stats = collect_statistics(model, _batches(), adapter.required_captures(sites))
     widths = {s.name: (s.dim if hidden is None else hidden) if s.kind == "hidden" else (s.dim if ffn is None else ffn)
               for s in sites}
-    return adapter.reduce(model, sites, widths, stats, RMTKDConfig(output_format=output_format))
+    return adapter.reduce(model, sites, widths, stats, RMTKDConfig(output_format=output_format, **config))
 
 
 def _logits(model, batch):
@@ -71,9 +71,10 @@ def test_attention_is_sharp_enough_to_matter(sharp_dir):
     assert probs.max() > 0.5  # far from uniform over 11 tokens (1/11)
 
 
-def test_full_width_reduction_is_exact(sharp_dir):
+@pytest.mark.parametrize("head_reduction", ["shrink", "prune"])
+def test_full_width_reduction_is_exact(sharp_dir, head_reduction):
     reference = AutoModelForSequenceClassification.from_pretrained(sharp_dir).eval()
-    reduced = _reduce(sharp_dir, None, None)
+    reduced = _reduce(sharp_dir, None, None, head_reduction=head_reduction)
     for batch in _batches():
         # float32 round-off through rotations and a float64 solve: far below any change of prediction.
         torch.testing.assert_close(_logits(reduced, batch), _logits(reference, batch), rtol=1e-5, atol=1e-5)
@@ -90,6 +91,64 @@ def test_narrower_model_has_exact_widths_and_reloads_stock(sharp_dir, tmp_path):
         assert tuple(reloaded.state_dict()[name].shape) == tuple(tensor.shape), name
     batch = _batches()[0]
     torch.testing.assert_close(_logits(reloaded, batch), _logits(model.eval(), batch), rtol=0, atol=0)
+
+
+ATTENTION = {"bert": ("attention.self.query", "attention.output.dense", "num_attention_heads"),
+             "roberta": ("attention.self.query", "attention.output.dense", "num_attention_heads"),
+             "distilbert": ("attention.q_lin", "attention.out_lin", "n_heads")}
+
+
+def _layers(model):
+    return model.distilbert.transformer.layer if model.config.model_type == "distilbert" else (
+        model.base_model.encoder.layer)
+
+
+def test_head_pruning_keeps_the_strongest_whole_heads_and_reloads_stock(sharp_dir, tmp_path):
+    # Heads 0 and 2 (of 4 × 8 channels) write nothing to the residual stream: pruning to 2 heads must drop them,
+    # though a "first heads" rule would keep head 0.
+    model = AutoModelForSequenceClassification.from_pretrained(sharp_dir)
+    query_path, output_path, heads_field = ATTENTION[model.config.model_type]
+    with torch.no_grad():
+        for layer in _layers(model):
+            output = layer.get_submodule(output_path)
+            output.weight[:, 0:8] = 0
+            output.weight[:, 16:24] = 0
+    query_biases = [layer.get_submodule(query_path).bias.detach().clone() for layer in _layers(model)]
+    model.save_pretrained(tmp_path / "dead-heads")
+
+    pruned = _reduce(tmp_path / "dead-heads", 16, None, head_reduction="prune")
+    hidden_field, _ = FIELDS[pruned.config.model_type]
+    assert getattr(pruned.config, hidden_field) == 16 and getattr(pruned.config, heads_field) == 2
+    kept = torch.cat([torch.arange(8, 16), torch.arange(24, 32)])
+    for layer, bias in zip(_layers(pruned), query_biases):
+        output = layer.get_submodule(output_path).weight
+        assert tuple(output.shape) == (16, 16) and bool((output.abs().sum(dim=0) > 0).all())  # no dead head kept
+        # Whole heads, not rotated: the query outputs are heads 1 and 3 as they were (the refit changes only the
+        # weight's input side, so the bias is a plain slice), and the score scale is unchanged.
+        torch.testing.assert_close(layer.get_submodule(query_path).bias, bias[kept], rtol=0, atol=0)
+    save_compressed_model(pruned, None, tmp_path / "out", "stock")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert getattr(reloaded.config, heads_field) == 2
+    batch = _batches()[0]
+    torch.testing.assert_close(_logits(reloaded, batch), _logits(pruned.eval(), batch), rtol=0, atol=0)
+
+
+def test_strongest_heads_rank_by_output_energy():
+    from optimum_rmtkd.adapters.transformer_encoder import _strongest_heads
+
+    # 3 heads of 2 channels; context second moment Σ = diag(1, 1, 4, 4, 1, 1).
+    weight = torch.tensor([[1.0, 0, 1, 0, 3, 0], [0, 1, 0, 1, 0, 0]])
+    moment = torch.diag(torch.tensor([1.0, 1, 4, 4, 1, 1], dtype=torch.float64))
+    # Energies tr(W_h Σ_h W_hᵀ): head 0 → 2, head 1 → 8, head 2 → 9; kept in their original order.
+    assert _strongest_heads(weight, moment, 3, 2).tolist() == [2, 3, 4, 5]
+    assert _strongest_heads(weight, moment, 3, 1).tolist() == [4, 5]
+    assert _strongest_heads(weight, moment, 3, 3).tolist() == list(range(6))
+
+
+def test_pruning_needs_a_multiple_of_the_head_size(sharp_dir):
+    with pytest.raises(ValueError, match=r"keeps whole heads of 8 channels, so the hidden width must be a multiple "
+                                         r"of 8, got 12"):
+        _reduce(sharp_dir, 12, None, head_reduction="prune")
 
 
 def test_per_layer_widths_reload_as_registered_type(encoder_dir, tmp_path):
@@ -148,3 +207,8 @@ def test_kept_width_aligns_heads_for_the_hidden_width(bert_dir):
     assert [adapter.kept_width(model, hidden, r, config) for r in (1, 9, 17, 30)] == [8, 16, 24, 32]
     assert [adapter.kept_width(model, ffn, r, config) for r in (0, 9, 36, 37)] == [2, 10, 36, 37]
     assert adapter.kept_width(model, ffn, 3, RMTKDConfig(min_width=64)) == 37  # never above the site's width
+    # Pruning whole heads of 8 channels: the width steps by lcm(multiple, 8).
+    prune = RMTKDConfig(width_multiple=2, min_width=1, head_reduction="prune")
+    assert [adapter.kept_width(model, hidden, r, prune) for r in (1, 9, 17, 30)] == [8, 16, 24, 32]
+    prune16 = RMTKDConfig(width_multiple=16, min_width=1, head_reduction="prune")
+    assert [adapter.kept_width(model, hidden, r, prune16) for r in (1, 17)] == [16, 32]
