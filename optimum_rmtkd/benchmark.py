@@ -52,9 +52,9 @@ from transformers.utils import logging
 
 from .energy import NVMLPowerSampler, RAPLReader
 from .exporters.onnx import (
-    CPU_DISABLED_OPTIMIZERS,
     ONNX_WEIGHTS_NAME,
     check_optimizer_names,
+    default_disabled_optimizers,
     export_onnx,
     is_image_config,
     load_classification_model,
@@ -651,13 +651,6 @@ def _onnx_model_path(model_dir: Path, cache_dir: Path, *, reuse: bool = True) ->
     return result.onnx_path, {**record, "reused": False}
 
 
-def _disabled_optimizers(backend: str, requested: Optional[Sequence[str]]) -> tuple[str, ...]:
-    """The ONNX Runtime rewrites a backend's sessions leave off: `requested`, else the device's default."""
-    if requested is not None:
-        return tuple(requested)
-    return CPU_DISABLED_OPTIMIZERS if backend == "onnxruntime-cpu" else ()
-
-
 def _check_positive_ints(name: str, values: Sequence[int]) -> tuple[int, ...]:
     values = tuple(values)
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
@@ -707,8 +700,8 @@ def benchmark_models(
         energy_seconds (`float`, *optional*, defaults to 2.0): length of each energy window, spent only where a
             meter is available.
         ort_disabled_optimizers (`Sequence[str]`, *optional*): ONNX Runtime graph rewrites to leave off in both
-            models' sessions; `None` means `ort_session_options`' default for each device (CPU:
-            `CPU_DISABLED_OPTIMIZERS`), `()` ONNX Runtime's stock behaviour.
+            models' sessions; `None` means `ort_session_options`' default for each device
+            (`default_disabled_optimizers`), `()` ONNX Runtime's stock behaviour.
         seed (`int`, *optional*, defaults to 0): seed of the random inputs and of the bootstrap.
 
     Returns:
@@ -771,7 +764,8 @@ def benchmark_models(
         "energy_seconds": energy_seconds,
         "reuse_onnx": reuse_onnx,
         "ort_disabled_optimizers": {
-            backend: list(_disabled_optimizers(backend, ort_disabled_optimizers))
+            backend: list(ort_disabled_optimizers if ort_disabled_optimizers is not None
+                          else default_disabled_optimizers(backend.rsplit("-", 1)[1]))
             for backend in backends
             if backend.startswith("onnxruntime")
         },

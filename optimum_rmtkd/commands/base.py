@@ -300,7 +300,8 @@ CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
 )
 ANALYSIS_FIELDS = (
     "estimator", "quantile", "tw_alpha", "sigma2_scale", "centered", "sample_unit", "sites", "calibration_fraction",
-    "max_calibration_examples", "width_multiple", "min_width", "head_reduction", "output_format", "batch_size", "max_length", "seed",
+    "max_calibration_examples", "width_multiple", "min_width", "head_reduction", "output_format", "batch_size",
+    "max_length", "seed",
 )
 
 

@@ -257,6 +257,11 @@ def check_optimizer_names(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
+def default_disabled_optimizers(device: str) -> tuple[str, ...]:
+    """The ONNX Runtime rewrites `ort_session_options` leaves off on `device` unless told otherwise."""
+    return CPU_DISABLED_OPTIMIZERS if device == "cpu" else ()
+
+
 def ort_session_options(device: str = "cpu", disabled_optimizers: Optional[Sequence[str]] = None):
     """ONNX Runtime's default session options, less the graph rewrites known to slow `device` down.
 
@@ -277,9 +282,8 @@ def ort_session_options(device: str = "cpu", disabled_optimizers: Optional[Seque
 
     if device not in DEVICES:  # only the name: options for a GPU can be built on a machine without one
         raise ValueError(f"`device` must be one of {DEVICES}, got {device!r}.")
-    if disabled_optimizers is None:
-        disabled_optimizers = CPU_DISABLED_OPTIMIZERS if device == "cpu" else ()
-    names = check_optimizer_names(disabled_optimizers)
+    names = check_optimizer_names(default_disabled_optimizers(device) if disabled_optimizers is None
+                                  else disabled_optimizers)
     options = ort.SessionOptions()
     if names:
         options.add_session_config_entry("optimization.disable_specified_optimizers", ";".join(names))
