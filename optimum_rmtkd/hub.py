@@ -161,6 +161,8 @@ def build_model_card(
         tags=list(CARD_TAGS),
     )
 
+    from .exporters.onnx import default_disabled_optimizers
+
     config_path = model_dir / "config.json"
     model_type = json.loads(config_path.read_text())["model_type"] if config_path.is_file() else None
     plots = _existing_plots(model_dir, report["sites"])
@@ -220,6 +222,8 @@ def build_model_card(
         "more_plots": plots[1:],
         "benchmark": _demote_headings(benchmark_path.read_text(encoding="utf-8"), 2) if benchmark_path else None,
         "onnx": include_onnx and (model_dir / "onnx" / "model.onnx").is_file(),
+        # Written out so the card's snippet needs only onnxruntime (see `exporters.onnx.ort_session_options`).
+        "ort_cpu_disabled_optimizers": ";".join(default_disabled_optimizers("cpu")),
         "heavy_tailed": [_site_row(site) for site in report["sites"] if site["heavy_tailed"]],
     }
     if template_path is None:

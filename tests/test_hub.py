@@ -205,6 +205,7 @@ def test_card_metadata_round_trips_and_body_has_every_section(model_dir):
     assert '= AutoModelForSequenceClassification.from_pretrained("rmtkd-tester/tiny-bert-rmtkd")' in text
     assert "trust_remote_code" not in text and "import optimum_rmtkd" not in text
     assert "### ONNX" in text and 'snapshot_download("rmtkd-tester/tiny-bert-rmtkd", allow_patterns=["onnx/*"])' in text
+    assert 'add_session_config_entry("optimization.disable_specified_optimizers", "SkipLayerNormFusion")' in text
     assert "`bert.encoder.layer.1.intermediate` (KS distance 0.310)" in text  # heavy-tailed warning
     assert "`bert.encoder.layer.0.intermediate` (KS distance" not in text
     assert "853 calibration samples" in text
