@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from assets import load_rotten_tomatoes, minilm_path  # noqa: E402
 
 from optimum_rmtkd import RMTKDCompressor, RMTKDConfig  # noqa: E402
+from optimum_rmtkd.configuration import HEAD_REDUCTIONS  # noqa: E402
 from optimum_rmtkd.data import tokenize_text_dataset  # noqa: E402
 from optimum_rmtkd.distillation import evaluate_model, train  # noqa: E402
 from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -54,7 +55,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-metric-drop", type=float, default=0.015)
     parser.add_argument("--on-metric-drop", choices=("stop", "skip"), default="skip",
                         help="undo a stage that breaks --max-metric-drop and stop, or skip it and go on")
-    parser.add_argument("--head-reduction", choices=("shrink", "prune"), default="shrink",
+    parser.add_argument("--head-reduction", choices=HEAD_REDUCTIONS, default=RMTKDConfig.head_reduction,
                         help="how attention follows the narrower hidden width: narrower heads or fewer whole heads")
     parser.add_argument("--control", action="store_true", help="also train the self-distilled control")
     parser.add_argument("--reuse", action="store_true",

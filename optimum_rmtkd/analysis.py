@@ -55,8 +55,8 @@ class RMTKDAnalysis:
             `heavy_tailed` are those of `config.estimator`, `ranks_by_estimator` holds every estimator's rank and
             `kept_width` is the configured estimator's entry of `saved_widths`.
         asked_widths (`dict[str, dict[str, int]]`): site → estimator → the width the site's own spectrum asks for
-            (the rank rounded up to `width_multiple`, at least `min_width`, a multiple of the attention heads for a
-            hidden width).
+            (the rank rounded up to `width_multiple`, at least `min_width`; a hidden width also keeps whole heads,
+            see `RMTKDConfig.head_reduction`).
         saved_widths (`dict[str, dict[str, int]]`): site → estimator → the width `compress` would cut the site to
             in its first stage: the asked widths as `config.output_format` can hold them (the stock format gives
             every site of a config field the widest width asked among them).

@@ -57,11 +57,12 @@ class RMTKDConfig:
         width_multiple (`int`, *optional*, defaults to 8): kept widths are rounded up to this multiple
             (matrix-unit friendly), never above the original width.
         min_width (`int`, *optional*, defaults to 8): no site is reduced below this width.
-        head_reduction (`str`, *optional*, defaults to `"shrink"`): how attention follows a narrower hidden width
-            (`hidden = heads × head size` in the stock format): `shrink` keeps every head, each narrower, rotated
-            onto its leading query/key and value directions; `prune` keeps whole heads of unchanged size, those
-            whose output carries the most energy, and rounds the width to a multiple of the head size. Fewer,
-            wider heads run attention faster on CPU, whose softmax work scales with the number of heads.
+        head_reduction (`str`, *optional*, defaults to `"prune"`): how attention follows a narrower hidden width
+            (`hidden = heads × head size` in the stock format): `prune` keeps whole heads of unchanged size, those
+            whose output carries the most energy, and rounds the width to a multiple of the head size; `shrink`
+            keeps every head, each narrower, rotated onto its leading query/key and value directions. Same
+            parameters and FLOPs; fewer, wider heads run attention faster (its softmax work scales with the number
+            of heads), and on Rotten Tomatoes pruning lost no accuracy where shrinking lost 1.4 points (README).
         ridge (`float`, *optional*, defaults to 1e-4): ridge of the least-squares refit of readers, relative
             to the mean diagonal of the kept second moment.
         output_format (`str`, *optional*, defaults to `"stock"`): `stock` saves the stock architecture with
@@ -104,7 +105,7 @@ class RMTKDConfig:
     sites: Tuple[str, ...] = ("hidden", "ffn")
     width_multiple: int = 8
     min_width: int = 8
-    head_reduction: str = "shrink"
+    head_reduction: str = "prune"
     ridge: float = 1e-4
     output_format: str = "stock"
     alpha: float = 0.7

@@ -277,8 +277,8 @@ CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
     ConfigFlag("max_calibration_examples", int, 2048, "Cap on calibration examples."),
     ConfigFlag("width_multiple", int, 8, "Kept widths are rounded up to a multiple of this."),
     ConfigFlag("min_width", int, 8, "No site is reduced below this width."),
-    ConfigFlag("head_reduction", str, "shrink", "How attention follows a narrower hidden width: `shrink` every "
-               "head or `prune` whole heads (fewer, wider heads: faster attention on CPU).", choices=HEAD_REDUCTIONS),
+    ConfigFlag("head_reduction", str, "prune", "How attention follows a narrower hidden width: `prune` whole heads "
+               "(fewer, wider heads: faster attention) or `shrink` every head.", choices=HEAD_REDUCTIONS),
     ConfigFlag("output_format", str, "stock", "`stock`: stock architecture, uniform widths, plain from_pretrained; "
                "`per-layer`: each layer's own width in a registered rmtkd_<base> type.", choices=OUTPUT_FORMATS),
     ConfigFlag("distillation_epochs", float, 1.0, "Self-distillation epochs after each reduction."),

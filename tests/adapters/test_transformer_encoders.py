@@ -80,10 +80,12 @@ def test_full_width_reduction_is_exact(sharp_dir, head_reduction):
         torch.testing.assert_close(_logits(reduced, batch), _logits(reference, batch), rtol=1e-5, atol=1e-5)
 
 
-def test_narrower_model_has_exact_widths_and_reloads_stock(sharp_dir, tmp_path):
-    model = _reduce(sharp_dir, 16, 20)
+@pytest.mark.parametrize(("head_reduction", "heads"), [("shrink", 4), ("prune", 2)])
+def test_narrower_model_has_exact_widths_and_reloads_stock(sharp_dir, tmp_path, head_reduction, heads):
+    model = _reduce(sharp_dir, 16, 20, head_reduction=head_reduction)
     hidden_field, ffn_field = FIELDS[model.config.model_type]
     assert getattr(model.config, hidden_field) == 16 and getattr(model.config, ffn_field) == 20
+    assert getattr(model.config, ATTENTION[model.config.model_type][2]) == heads
     save_compressed_model(model, None, tmp_path / "out", "stock")
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     assert type(reloaded).__name__ == type(model).__name__
@@ -202,7 +204,7 @@ def test_kept_width_aligns_heads_for_the_hidden_width(bert_dir):
     model = AutoModelForSequenceClassification.from_pretrained(bert_dir)
     adapter = get_adapter(model)
     hidden, ffn = adapter.sites(model)[:2]
-    config = RMTKDConfig(width_multiple=2, min_width=1)
+    config = RMTKDConfig(width_multiple=2, min_width=1, head_reduction="shrink")
     # 4 heads × multiple 2: the hidden width steps by 8 so each head's size stays a multiple of 2.
     assert [adapter.kept_width(model, hidden, r, config) for r in (1, 9, 17, 30)] == [8, 16, 24, 32]
     assert [adapter.kept_width(model, ffn, r, config) for r in (0, 9, 36, 37)] == [2, 10, 36, 37]
