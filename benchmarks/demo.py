@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     # 2. Compress: the new head is fine-tuned first, then each stage cuts and self-distils.
     print("\n== 2. RMT-KD compression (fine-tune head, cut FFN then hidden widths, self-distil) ==")
     compressed_dir = args.output_dir / "compressed"
-    result = RMTKDCompressor.from_pretrained(minilm_path(), num_labels=2).compress(
+    result = RMTKDCompressor.from_pretrained(minilm_path(), num_labels=2, seed=config.seed).compress(
         splits["train"], splits["validation"], config, save_directory=compressed_dir,
         test_dataset=splits["test"], overwrite=True,
     )

@@ -85,21 +85,25 @@ class RMTKDCompressor:
     @classmethod
     def from_pretrained(
         cls, model_name_or_path: Union[str, os.PathLike], task: str = "text-classification",
-        num_labels: Optional[int] = None, **hub_kwargs: Any,
+        num_labels: Optional[int] = None, seed: int = RMTKDConfig.seed, **hub_kwargs: Any,
     ) -> "RMTKDCompressor":
         """Load a model and its tokenizer from a Hub id or a local folder (`hub_kwargs` go to `from_pretrained`).
 
         A checkpoint without a classification head (e.g. a sentence encoder) gets a new one with `num_labels`
-        classes (default 2); the compressor then fine-tunes it before compressing.
+        classes (default 2), drawn under `seed` (pass the run's `RMTKDConfig.seed`); the compressor then
+        fine-tunes it before compressing. PyTorch seeds its default generator at random in each process, so an
+        unseeded head would make every run's fine-tuned model, and all that follows, different.
         """
         spec = get_task(task)
         kwargs = dict(hub_kwargs)
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
         try:
-            model, info = spec.auto_model.from_pretrained(
-                model_name_or_path, output_loading_info=True, **kwargs
-            )
+            with torch.random.fork_rng(devices=[]):  # seeds only this load, the caller's generator state is kept
+                torch.manual_seed(seed)
+                model, info = spec.auto_model.from_pretrained(
+                    model_name_or_path, output_loading_info=True, **kwargs
+                )
         except OSError as error:
             raise OSError(
                 f"Could not load a model from {str(model_name_or_path)!r}: pass a local folder with config.json and "

@@ -260,3 +260,25 @@ def test_distillation_loss_matches_its_formula():
     expected = alpha * ce + (1 - alpha) * temperature**2 * kl
     torch.testing.assert_close(distillation_loss(student, teacher, labels, alpha, temperature), expected)
     torch.testing.assert_close(distillation_loss(student, None, labels, alpha, temperature), ce)
+
+
+def test_a_new_head_is_drawn_under_the_seed(bert_dir, tmp_path):
+    # An encoder without its classifier: the compressor adds a head, which must not depend on the process's
+    # (randomly seeded) default generator, nor change it.
+    model = AutoModelForSequenceClassification.from_pretrained(bert_dir)
+    model.bert.save_pretrained(tmp_path / "encoder")
+
+    def head(seed):
+        compressor = RMTKDCompressor.from_pretrained(tmp_path / "encoder", num_labels=2, seed=seed)
+        assert compressor.head_is_new
+        return compressor.model.classifier.weight.detach().clone()
+
+    torch.manual_seed(123)
+    first = head(0)
+    torch.manual_seed(456)  # another generator state before loading: the same head
+    torch.testing.assert_close(head(0), first, rtol=0, atol=0)
+    assert not torch.equal(head(1), first)
+    torch.manual_seed(456)
+    head(0)
+    # The caller's stream is untouched: the state is the one manual_seed(456) left.
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(456).get_state())

@@ -88,7 +88,8 @@ class CompressCommand(RMTKDBaseCommand):
         from ..compressor import RMTKDCompressor
 
         try:
-            compressor = RMTKDCompressor.from_pretrained(model, task=task, num_labels=args.num_labels)
+            compressor = RMTKDCompressor.from_pretrained(model, task=task, num_labels=args.num_labels,
+                                                         seed=config.seed)
         except OSError as error:
             raise model_load_error(model, error) from error
         result = compressor.compress(
