@@ -265,9 +265,9 @@ def default_disabled_optimizers(device: str) -> tuple[str, ...]:
 def ort_session_options(device: str = "cpu", disabled_optimizers: Optional[Sequence[str]] = None):
     """ONNX Runtime's default session options, less the graph rewrites known to slow `device` down.
 
-    Hand them to whatever runs the exported file, e.g.
-    `ORTModelForSequenceClassification.from_pretrained(folder, session_options=ort_session_options())`: the
-    benchmark and the `optimization_level` export use the same, so their figures are what such a session gets.
+    Hand them to whatever runs the exported file: `onnxruntime.InferenceSession(path, ort_session_options())`, or
+    the `session_options` argument of optimum's ONNX Runtime model classes. The benchmark and the
+    `optimization_level` export use the same, so their figures are what such a session gets.
 
     Args:
         device (`str`, *optional*, defaults to `"cpu"`): `"cpu"` or `"cuda"`, the execution provider the session
