@@ -651,6 +651,11 @@ def _onnx_model_path(model_dir: Path, cache_dir: Path, *, reuse: bool = True) ->
     return result.onnx_path, {**record, "reused": False}
 
 
+def _backend_device(backend: str) -> str:
+    """The device a backend runs on: `"cuda"` for `pytorch-cuda` and `onnxruntime-cuda`, else `"cpu"`."""
+    return "cuda" if backend.endswith("cuda") else "cpu"
+
+
 def _check_positive_ints(name: str, values: Sequence[int]) -> tuple[int, ...]:
     values = tuple(values)
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
@@ -765,7 +770,7 @@ def benchmark_models(
         "reuse_onnx": reuse_onnx,
         "ort_disabled_optimizers": {
             backend: list(ort_disabled_optimizers if ort_disabled_optimizers is not None
-                          else default_disabled_optimizers(backend.rsplit("-", 1)[1]))
+                          else default_disabled_optimizers(_backend_device(backend)))
             for backend in backends
             if backend.startswith("onnxruntime")
         },
@@ -838,7 +843,7 @@ def _benchmark_backend(
     threads: Optional[int],
 ) -> None:
     settings = report.settings
-    device = "cuda" if backend.endswith("cuda") else "cpu"
+    device = _backend_device(backend)
     if backend.startswith("pytorch"):
         runners: dict[str, _Runner] = {name: _PyTorchRunner(models[name], device) for name in MODEL_NAMES}
     else:

@@ -280,8 +280,7 @@ def ort_session_options(device: str = "cpu", disabled_optimizers: Optional[Seque
     """
     import onnxruntime as ort
 
-    if device not in DEVICES:  # only the name: options for a GPU can be built on a machine without one
-        raise ValueError(f"`device` must be one of {DEVICES}, got {device!r}.")
+    _check_device_name(device)  # only the name: options for a GPU can be built on a machine without one
     names = check_optimizer_names(default_disabled_optimizers(device) if disabled_optimizers is None
                                   else disabled_optimizers)
     options = ort.SessionOptions()
@@ -309,9 +308,13 @@ def _optimize_graph(source: Path, destination: Path, optimization_level: str, de
     ort.InferenceSession(str(source), options, providers=_execution_providers(device))
 
 
-def _check_device(device: str) -> None:
+def _check_device_name(device: str) -> None:
     if device not in DEVICES:
         raise ValueError(f"`device` must be one of {DEVICES}, got {device!r}.")
+
+
+def _check_device(device: str) -> None:
+    _check_device_name(device)
     if device == "cuda":
         import onnxruntime as ort
 
