@@ -29,7 +29,8 @@ REPORT_NAME = "rmtkd_report.json"
 CARD_NAME = "README.md"
 BENCHMARK_NAME = "benchmark.md"
 CARD_TAGS = ["rmt-kd", "optimum-rmtkd", "compressed", "knowledge-distillation"]
-DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "rmtkd_model_card_template.md"
+# Package data (setup.cfg `[options.package_data]`), so a wheel install has it too.
+DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "rmtkd_model_card_template.md"
 # Temporary files of `optimum_rmtkd.utils.io` (`.{name}.{random}.tmp`) must never reach the Hub.
 TEMP_FILE_PATTERNS = [".*.tmp", "*/.*.tmp"]
 WEIGHT_FILES = [

@@ -293,6 +293,23 @@ def test_local_base_model_stays_out_of_metadata_and_lends_its_license(model_dir,
     assert build_model_card(model_dir, base_model="org/base").data.base_model == "org/base"
 
 
+def test_default_template_is_package_data_and_its_absence_is_explained(model_dir, tmp_path, monkeypatch):
+    import optimum_rmtkd.hub as hub_module
+
+    # Inside the package, so setup.cfg's `[options.package_data]` puts it in the wheel (see test_packaging.py).
+    assert hub_module.DEFAULT_TEMPLATE_PATH.parent.parent == Path(hub_module.__file__).resolve().parent
+    assert hub_module.DEFAULT_TEMPLATE_PATH.is_file()
+    monkeypatch.setattr(hub_module, "DEFAULT_TEMPLATE_PATH", tmp_path / "gone.md")
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"The default model card template '.*/gone\.md' is missing from this installation; pass `template_path=`",
+    ):
+        build_model_card(model_dir)
+    own = tmp_path / "own.md"
+    own.write_text("---\n{{ card_data }}\n---\n# My template\n")
+    assert build_model_card(model_dir, template_path=own).text.strip() == "# My template"
+
+
 def test_write_model_card_writes_readme_atomically(model_dir):
     path = write_model_card(model_dir, repo_id=REPO_ID)
     assert path == model_dir / "README.md"
