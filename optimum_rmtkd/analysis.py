@@ -135,7 +135,7 @@ class RMTKDAnalysis:
             if plots and is_matplotlib_available():
                 save_spectrum_plots({site["name"]: site for site in data["sites"]}, folder, data)
             elif plots:
-                logger.warning("matplotlib is not installed: no spectrum plots (`pip install optimum-rmtkd[plots]`).")
+                logger.warning("matplotlib is not installed: no spectrum plots (`pip install matplotlib`).")
             atomic_write_json(folder / ANALYSIS_NAME, data)
         return Path(output_dir) / ANALYSIS_NAME
 

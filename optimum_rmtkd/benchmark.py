@@ -274,7 +274,7 @@ class BenchmarkReport:
             paths["png"] = output_dir / "benchmark.png"
             self.plot(paths["png"])
         else:
-            logger.warning("matplotlib is not installed: no benchmark.png (`pip install optimum-rmtkd[plots]`).")
+            logger.warning("matplotlib is not installed: no benchmark.png (`pip install matplotlib`).")
         return paths
 
 
