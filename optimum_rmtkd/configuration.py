@@ -1,4 +1,8 @@
-"""`RMTKDConfig`: every choice of an RMT-KD run in one validated, JSON round-trippable dataclass."""
+"""`RMTKDConfig`: every choice of an RMT-KD run in one validated, JSON round-trippable dataclass.
+
+Imports nothing heavy (no numpy, scipy, torch or transformers): the CLI reads the option sets below to build its
+parsers.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
-from .rmt import ESTIMATORS
 from .utils.io import atomic_write_json
 
+# The closed option sets live here, beside the config that checks them, so that the CLI can offer them as `choices`
+# without importing scipy or transformers; `optimum_rmtkd.rmt` imports `ESTIMATORS` from here.
+ESTIMATORS = ("paper", "mp-median", "gavish-donoho", "kritchman-nadler", "mppca")
 SAMPLE_UNITS = ("tokens", "cls", "mean")
 SITE_KINDS = ("hidden", "ffn", "channels")
 OUTPUT_FORMATS = ("stock", "per-layer")

@@ -18,6 +18,8 @@ import numpy as np
 from scipy import optimize, stats
 from transformers.utils import logging
 
+from .configuration import ESTIMATORS  # the one definition, importable without scipy (the CLI's `choices`)
+
 
 logger = logging.get_logger(__name__)
 
@@ -34,8 +36,6 @@ __all__ = [
     "marchenko_pastur_pdf",
     "round_width",
 ]
-
-ESTIMATORS = ("paper", "mp-median", "gavish-donoho", "kritchman-nadler", "mppca")
 
 # A fit whose bulk is further than this (Kolmogorov–Smirnov) from the fitted MP law is flagged as heavy-tailed.
 # MP eigenvalues are rigid (they fluctuate by O(1/d) around their quantiles, far less than i.i.d. draws): on pure

@@ -62,6 +62,10 @@ class AnalyzeCommand(RMTKDBaseCommand):
         if args.output is not None:
             check_output_folder(args.output, args.overwrite)
         config = config_from_args(args, ANALYSIS_FIELDS)
+
+        # The registered rmtkd_<base> types, so that a per-layer folder (config and weights) loads too.
+        from .. import modeling  # noqa: F401
+
         task = task_from_args(args, model_id)
 
         from ..analysis import analyze_model

@@ -1,8 +1,9 @@
 """What every `rmtkd` verb shares: error handling, logging switches, dataset and `RMTKDConfig` flags.
 
-Nothing heavy is imported here (no torch, no model code), so building the parsers stays fast; each command imports
-what it needs inside `execute()`. The option sets below mirror those of `optimum_rmtkd.configuration` and
-`optimum_rmtkd.rmt`, which import scipy and transformers; `tests/test_cli.py` checks that they agree.
+Nothing heavy is imported here (no torch, transformers or scipy), so building the parsers and `--help` stay fast;
+each command imports what it needs inside `execute()`, and `configure_logging` (datasets, huggingface_hub,
+transformers) runs in `run()`, after parsing. The `choices` are the library's own: the option sets of
+`optimum_rmtkd.configuration` (which imports nothing heavy) and the names of `optimum_rmtkd.tasks.task_names()`.
 """
 from __future__ import annotations
 
@@ -16,23 +17,21 @@ import warnings
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from optimum.commands.base import BaseOptimumCLICommand
 
 from ..configuration import (
+    CONFIG_NAME,
+    ESTIMATORS,
     HEAD_REDUCTIONS,
     METRIC_DROP_ACTIONS,
     MIXED_PRECISIONS,
     OUTPUT_FORMATS,
     SAMPLE_UNITS,
     SITE_KINDS,
+    RMTKDConfig,
 )
-from ..rmt import ESTIMATORS
-from ..tasks import TASKS
-
-if TYPE_CHECKING:
-    from ..configuration import RMTKDConfig
 
 DATASET_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
@@ -116,6 +115,9 @@ def configure_logging(quiet: bool, debug: bool) -> None:
         # leave `disable` unset.
         os.environ["TQDM_DISABLE"] = "1"
         # torch.onnx's exporter logs warnings (missing torchvision ops) and torch emits FutureWarnings while tracing.
+        # Importing torch resets its loggers from TORCH_LOGS, and the commands import torch after this runs, so the
+        # variable is set too ("-all": errors only), unless the user set it.
+        os.environ.setdefault("TORCH_LOGS", "-all")
         logging.getLogger("torch").setLevel(logging.ERROR)
         warnings.simplefilter("ignore")
     elif debug:
@@ -181,16 +183,18 @@ def model_load_error(model: str, error: OSError) -> OSError:
 
 
 def task_from_args(args: argparse.Namespace, model: str) -> str:
-    """`--task`, or the task the model's config implies (image models have `num_channels`, text models do not)."""
+    """`--task`, or the task detected from the model's config (`optimum_rmtkd.tasks.get_task`: its architectures)."""
     if args.task is not None:
         return args.task
     from transformers import AutoConfig
+
+    from ..tasks import get_task
 
     try:
         config = AutoConfig.from_pretrained(model)
     except OSError as error:
         raise model_load_error(model, error) from error
-    return "image-classification" if getattr(config, "num_channels", None) is not None else "text-classification"
+    return get_task(config).name
 
 
 def check_dataset_source(source: Optional[str], flag: str) -> None:
@@ -225,9 +229,16 @@ def add_dataset_column_arguments(parser: argparse.ArgumentParser, labels: bool =
     if labels:
         group.add_argument("--label-column", default="label",
                            help="Column with the class labels, ids or names (default: label).")
-    group.add_argument("--task", default=None, choices=sorted(TASKS),
-                       help="The task, which picks the model class and preprocessing (default: image-classification "
-                            "for a model whose config has `num_channels`, else text-classification).")
+    group.add_argument("--task", default=None, choices=task_choices(),
+                       help="The task, which picks the model class, preprocessing, loss and metric (default: "
+                            "detected from the model's config (its architectures)).")
+
+
+def task_choices() -> List[str]:
+    """The registered task names, the choices of `--task`; `optimum_rmtkd.tasks` lists them without importing torch."""
+    from ..tasks import task_names
+
+    return task_names()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -324,10 +335,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, fields: Optional[Seque
                                nargs=flag.nargs, help=help_text)
 
 
-def config_from_args(args: argparse.Namespace, fields: Optional[Sequence[str]] = None) -> "RMTKDConfig":
+def config_from_args(args: argparse.Namespace, fields: Optional[Sequence[str]] = None) -> RMTKDConfig:
     """The `RMTKDConfig` of `--config` (or the defaults) with every flag the user gave on top."""
-    from ..configuration import CONFIG_NAME, RMTKDConfig
-
     values: Dict[str, Any] = {}
     if args.config is not None:
         path = Path(args.config)

@@ -70,6 +70,8 @@ class BenchmarkCommand(RMTKDBaseCommand):
                     "`save_pretrained` or `rmtkd compress`."
                 )
 
+        # The registered rmtkd_<base> types, so that a per-layer folder (config and weights) loads too.
+        from .. import modeling  # noqa: F401
         from ..benchmark import benchmark_models
 
         # Only the flags given are passed, so the defaults are benchmark_models' own.

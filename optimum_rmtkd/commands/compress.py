@@ -37,7 +37,7 @@ class CompressCommand(RMTKDBaseCommand):
             parser,
             "Calibrate, cut every site to the directions above its Marchenko-Pastur bulk, and self-distil, stage "
             "after stage, until a stop rule fires. The output folder reloads with the stock AutoModelFor* class "
-            "(or after `import optimum_rmtkd` for --output-format per-layer) and holds rmtkd_config.json, "
+            "(or after `import optimum_rmtkd.modeling` for --output-format per-layer) and holds rmtkd_config.json, "
             "rmtkd_report.json and the spectra plots. An interrupted run resumes from <output>.checkpoints.",
             EXAMPLES,
         )
@@ -82,6 +82,10 @@ class CompressCommand(RMTKDBaseCommand):
         if args.hub_model_id is not None and not args.push_to_hub:
             raise ValueError("`--hub-model-id` was given without `--push-to-hub`; add `--push-to-hub` to push.")
         config = config_from_args(args)
+
+        # The registered rmtkd_<base> types, so that a per-layer folder (config and weights) loads too.
+        from .. import modeling  # noqa: F401
+
         task = task_from_args(args, model)
 
         from ..analysis import format_table

@@ -59,6 +59,8 @@ class ExportCommand(RMTKDBaseCommand):
         output = Path(args.output) if args.output is not None else model_dir / "onnx"
         check_output_folder(str(output), args.overwrite, flag="output")
 
+        # The registered rmtkd_<base> types, so that a per-layer folder (config and weights) loads too.
+        from .. import modeling  # noqa: F401
         from ..exporters.onnx import export_onnx
 
         options = {"opset": args.opset} if args.opset is not None else {}

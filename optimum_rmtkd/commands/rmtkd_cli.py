@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo, RootOptimumCLICommand
 
+from ..version import __version__
 from .analyze import AnalyzeCommand
 from .base import describe
 from .benchmark import BenchmarkCommand
@@ -33,12 +34,20 @@ class RMTKDCommand(BaseOptimumCLICommand):
     @staticmethod
     def parse_args(parser: argparse.ArgumentParser) -> None:
         describe(parser, DESCRIPTION)
+        add_version_argument(parser)
+
+
+def add_version_argument(parser: argparse.ArgumentParser) -> None:
+    """`--version`: prints `optimum-rmtkd <version>` and exits."""
+    parser.add_argument("--version", action="version", version=f"optimum-rmtkd {__version__}",
+                        help="Print the version of optimum-rmtkd and exit.")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `rmtkd` console script; returns the exit status (errors exit through `SystemExit`)."""
     root = RootOptimumCLICommand("rmtkd")
     describe(root.parser, DESCRIPTION)
+    add_version_argument(root.parser)
     for info in RMTKDCommand.SUBCOMMANDS:
         root.register_subcommand(info)
     args = root.parser.parse_args(argv)
