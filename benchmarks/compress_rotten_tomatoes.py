@@ -1,6 +1,6 @@
 """Full-size RMT-KD run: all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes, then compressed; writes a results table.
 
-    python benchmarks/compress_rotten_tomatoes.py --output-dir benchmarks/results/rotten_tomatoes
+    python -m benchmarks.compress_rotten_tomatoes --output-dir benchmarks/results/rotten_tomatoes
 
 Steps: fine-tune the pretrained encoder with a new 2-class head (`--finetune-epochs`), save it (the "original"),
 compress it with `RMTKDCompressor`, optionally train the control (the original distilled from itself for the same
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -19,14 +18,12 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from assets import load_rotten_tomatoes, minilm_path  # noqa: E402
-
-from optimum_rmtkd import RMTKDCompressor, RMTKDConfig  # noqa: E402
-from optimum_rmtkd.configuration import HEAD_REDUCTIONS  # noqa: E402
-from optimum_rmtkd.data import tokenize_text_dataset  # noqa: E402
-from optimum_rmtkd.distillation import evaluate_model, train  # noqa: E402
-from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from benchmarks.assets import load_rotten_tomatoes, minilm_path
+from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
+from optimum_rmtkd.configuration import HEAD_REDUCTIONS
+from optimum_rmtkd.data import tokenize_text_dataset
+from optimum_rmtkd.distillation import evaluate_model, train
+from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text
 
 
 def loaders(tokenizer, splits, config):

@@ -6,13 +6,13 @@
 3. Export the original and compressed models to ONNX (validated against PyTorch) and time them with ONNX Runtime.
 
 The training split is subsampled (`--max-train`, default 4000 sentences) so the demo finishes in under ten minutes;
-`benchmarks/compress_rotten_tomatoes.py` is the full-size run.
+`python -m benchmarks.compress_rotten_tomatoes` is the full-size run. Run from the repository root:
+`python -m benchmarks.demo`.
 """
 from __future__ import annotations
 
 import argparse
 import logging as pylogging
-import sys
 import time
 from pathlib import Path
 
@@ -20,13 +20,11 @@ import datasets
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from assets import load_rotten_tomatoes, minilm_path  # noqa: E402
-
-from optimum_rmtkd import RMTKDCompressor, RMTKDConfig  # noqa: E402
-from optimum_rmtkd.analysis import analyze_model  # noqa: E402
-from optimum_rmtkd.benchmark import benchmark_models  # noqa: E402
-from optimum_rmtkd.exporters.onnx import export_onnx  # noqa: E402
+from benchmarks.assets import load_rotten_tomatoes, minilm_path
+from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
+from optimum_rmtkd.analysis import analyze_model
+from optimum_rmtkd.benchmark import benchmark_models
+from optimum_rmtkd.exporters.onnx import export_onnx
 
 OUTPUT = Path("outputs/demo")
 

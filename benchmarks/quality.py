@@ -1,8 +1,10 @@
 """Does the random-matrix rule earn its keep? RMT-KD against baselines at equal size, on Rotten Tomatoes.
 
-    python benchmarks/quality.py --budget small --arms original control 'qr_paper-tau0.5' ...   # a first table
-    python benchmarks/quality.py --budget full                                                  # hours on 2 cores
-    python benchmarks/quality.py --report-only                                                  # redraw the outputs
+    python -m benchmarks.quality --budget small --arms original control 'qr_paper-tau0.5' ...   # a first table
+    python -m benchmarks.quality --budget full                                                  # hours on 2 cores
+    python -m benchmarks.quality --report-only                                                  # redraw the outputs
+
+Run it from the repository root, as a module (it imports `benchmarks.assets`).
 
 Scope: the six FFN intermediate sites (d = 1536, GELU between writer and reader) of the fine-tuned
 all-MiniLM-L6-v2 written by `compress_rotten_tomatoes.py` (`--model`, the uncompressed model of every arm). The
@@ -13,13 +15,14 @@ Arms (`--list-arms` prints them):
 - `original`: the uncompressed model, no training. `control`: the original distilled from itself with the same
   budget (DESIGN §8: the fair reference for any distilled student).
 - width rules: `paper-tau{0.3..0.7}`, `mp-median`, `gavish-donoho`, `kritchman-nadler`, `mppca` (the library's
-  `fit_spectrum` + `round_width` per site, as the compressor decides them) and `pca90` (the smallest width holding
-  90% of the second moment's trace, rounded the same way). Widths are per layer (`--output-format per-layer`, the
+  `optimum_rmtkd.widths.decide_widths`, as the compressor decides them) and `pca90` (the smallest width holding
+  90% of the second moment's trace, rounded the same way, `widths_for_ranks`). Widths are per layer (`--output-format per-layer`, the
   compressor's per-layer semantics) or one uniform width, the widest layer's (`stock`). A site whose width reaches
   `max_kept_ratio` (0.9) of its dimension is left whole, as the compressor does.
 - channel choices at those widths: `qr` (the library: pivoted QR on the kept eigenvectors, `adapter.reduce`),
   `magnitude` (‖writer row‖·‖reader column‖), `variance` (largest second-moment diagonal), `random` (seeded
-  random channels); every one followed by the library's least-squares refit of the reader. Arm ids are
+  random channels), from `optimum_rmtkd.baselines`; every one followed by the library's least-squares refit of the
+  reader. Arm ids are
   `<choice>_<width rule>`; `pca90` is run with `qr` only.
 - `layer-drop_0-2-4`: DistilBERT-style, keep every other layer (stock config with 3 layers, weights copied).
 
@@ -39,7 +42,6 @@ import fnmatch
 import hashlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -51,9 +53,9 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from assets import load_rotten_tomatoes  # noqa: E402
-from baselines import (  # noqa: E402
+from benchmarks.assets import load_rotten_tomatoes
+from optimum_rmtkd.adapters import get_adapter
+from optimum_rmtkd.baselines import (
     cut_channels,
     drop_layers,
     explained_variance_width,
@@ -61,15 +63,13 @@ from baselines import (  # noqa: E402
     random_channels,
     variance_channels,
 )
-
-from optimum_rmtkd.adapters import get_adapter  # noqa: E402
-from optimum_rmtkd.calibration import collect_statistics  # noqa: E402
-from optimum_rmtkd.compressor import count_parameters  # noqa: E402
-from optimum_rmtkd.configuration import RMTKDConfig  # noqa: E402
-from optimum_rmtkd.data import calibration_subset, tokenize_text_dataset  # noqa: E402
-from optimum_rmtkd.distillation import evaluate_model, train  # noqa: E402
-from optimum_rmtkd.rmt import fit_spectrum, round_width  # noqa: E402
-from optimum_rmtkd.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+from optimum_rmtkd.calibration import collect_statistics
+from optimum_rmtkd.compressor import count_parameters
+from optimum_rmtkd.configuration import RMTKDConfig
+from optimum_rmtkd.data import calibration_subset, tokenize_text_dataset
+from optimum_rmtkd.distillation import evaluate_model, train
+from optimum_rmtkd.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from optimum_rmtkd.widths import decide_widths, widths_for_ranks
 
 TAUS = (0.3, 0.4, 0.5, 0.6, 0.7)
 ESTIMATOR_RULES = tuple(f"paper-tau{t}" for t in TAUS) + ("mp-median", "gavish-donoho", "kritchman-nadler", "mppca")
@@ -217,25 +217,29 @@ class Bench:
         stats = collect_statistics(self.original, loader, self.adapter.required_captures(self.ffn_sites))
         config = self.config(seed)
         spectra: Dict[str, Any] = {"seed": seed, "sites": {}, "widths": {}}
-        raw: Dict[str, Dict[str, int]] = {rule: {} for rule in ESTIMATOR_RULES + (PCA_RULE,)}
-        for site in self.ffn_sites:
-            acc = stats[site.captures[0].key]
-            eigenvalues = acc.eigh(centered=config.centered).eigenvalues.cpu().numpy()
-            info = {"dim": site.dim, "n_samples": acc.n_samples, "q": site.dim / acc.n_samples, "rules": {}}
-            for rule in ESTIMATOR_RULES:
-                estimator, quantile = ("paper", float(rule[len("paper-tau"):])) if rule.startswith("paper") else (rule, 0.5)
-                fit = fit_spectrum(eigenvalues, acc.n_samples, estimator, quantile=quantile, alpha=config.tw_alpha,
-                                   warn=False)
-                raw[rule][site.name] = fit.rank
+        # The library's width decision under each rule's config; the eigendecomposition is done once per site.
+        site_spectra = None
+        for rule in ESTIMATOR_RULES:
+            estimator, quantile = ("paper", float(rule[len("paper-tau"):])) if rule.startswith("paper") else (rule, 0.5)
+            decision = decide_widths(self.adapter, self.original, self.ffn_sites, stats,
+                                     self.config(seed, estimator=estimator, quantile=quantile), spectra=site_spectra,
+                                     warn=False)
+            site_spectra = decision.spectra
+            for site in self.ffn_sites:
+                fit, n = decision.fits[site.name], site_spectra[site.name].n_samples
+                info = spectra["sites"].setdefault(site.name, {"dim": site.dim, "n_samples": n, "q": site.dim / n,
+                                                               "rules": {}})
                 info["rules"][rule] = {"rank": fit.rank, "sigma2": fit.sigma2, "edge": fit.edge,
                                        "ks_distance": fit.ks_distance, "heavy_tailed": fit.heavy_tailed}
-            rank = explained_variance_width(eigenvalues, PCA_FRACTION)
-            raw[PCA_RULE][site.name] = rank
-            info["rules"][PCA_RULE] = {"rank": rank}
-            spectra["sites"][site.name] = info
-        for rule, ranks in raw.items():
-            spectra["widths"][rule] = self.widths_from_ranks(ranks, config)
-            for name, width in spectra["widths"][rule].items():
+            spectra["widths"][rule] = self.worth_cutting(decision.widths, config)
+        pca_ranks = {name: explained_variance_width(spectrum.eigenvalues, PCA_FRACTION)
+                     for name, spectrum in site_spectra.items()}
+        for name, rank in pca_ranks.items():
+            spectra["sites"][name]["rules"][PCA_RULE] = {"rank": rank}
+        _, pca_widths = widths_for_ranks(self.adapter, self.original, self.ffn_sites, pca_ranks, config)
+        spectra["widths"][PCA_RULE] = self.worth_cutting(pca_widths, config)
+        for rule, widths in spectra["widths"].items():
+            for name, width in widths.items():
                 spectra["sites"][name]["rules"][rule]["kept_width"] = width
         spectra["calibration_s"] = time.perf_counter() - start
         spectra_path = self.folder / "spectra" / f"seed-{seed}.json"
@@ -255,16 +259,10 @@ class Bench:
               flush=True)
         return self._seed_cache[seed]
 
-    def widths_from_ranks(self, ranks: Dict[str, int], config: RMTKDConfig) -> Dict[str, int]:
-        """Ranks → kept widths exactly as the compressor turns them: floor, rounding, format, `max_kept_ratio`."""
-        widths = {
-            site.name: round_width(max(ranks[site.name], config.min_width), site.dim, config.width_multiple,
-                                   min_width=min(config.min_width, site.dim))
-            for site in self.ffn_sites
-        }
-        widths = self.adapter.expressible_widths(self.original, self.ffn_sites, widths, config.output_format)
+    def worth_cutting(self, widths: Dict[str, int], config: RMTKDConfig) -> Dict[str, int]:
+        """The decided widths, except that a site whose kept width is ≥ `max_kept_ratio` of its width keeps it all,
+        as the compressor leaves such a site alone (nothing to gain)."""
         dims = {site.name: site.dim for site in self.ffn_sites}
-        # The compressor leaves a site whose kept width is ≥ max_kept_ratio of its width alone (nothing to gain).
         return {name: (w if w < config.max_kept_ratio * dims[name] else dims[name]) for name, w in widths.items()}
 
     def cuts_nothing(self, arm: str, seed: int) -> bool:
@@ -643,8 +641,8 @@ def write_report(output_dir: Path, primary: Optional[str] = None) -> Optional[Di
         "of the uncentred second moment's trace, rounded like the estimators' ranks, channels by QR. Sites whose "
         "width reaches 90% of 1536 are left whole (the compressor's `max_kept_ratio`).",
         "",
-        "Regenerate: `python benchmarks/quality.py --budget small|full [--arms ...] [--seeds ...]`, then "
-        "`python benchmarks/quality.py --report-only`. Raw per-(arm, seed) results: `benchmarks/results/quality/"
+        "Regenerate: `python -m benchmarks.quality --budget small|full [--arms ...] [--seeds ...]`, then "
+        "`python -m benchmarks.quality --report-only`. Raw per-(arm, seed) results: `benchmarks/results/quality/"
         "<budget tag>/<arm>/seed-<seed>.json`; calibration spectra summaries: `.../spectra/seed-<seed>.json`.",
         "",
         f"Plot (`quality.png`): budget `{primary}`.",

@@ -1,6 +1,6 @@
 """RMT-KD on a CNN: a ResNet-20-sized transformers ResNet trained from scratch on Fashion-MNIST, then compressed.
 
-    python benchmarks/resnet_fashion_mnist.py --threads 1 --control --target-reduction 0.45
+    python -m benchmarks.resnet_fashion_mnist --threads 1 --control --target-reduction 0.45
 
 Needs the Debian package `dataset-fashion-mnist` (`apt-get update && apt-get install -y dataset-fashion-mnist`), or
 `--source` naming an image folder or a Hub dataset id (see `fashion_mnist.py`). No pretrained CNN exists on these
@@ -35,15 +35,13 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import ConvNextImageProcessorPil, ResNetConfig, ResNetForImageClassification
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist import CLASSES, PADDED_SIDE, load_fashion_mnist  # noqa: E402
-
-from optimum_rmtkd import RMTKDCompressor, RMTKDConfig  # noqa: E402
-from optimum_rmtkd.benchmark import benchmark_models  # noqa: E402
-from optimum_rmtkd.distillation import evaluate_model, train  # noqa: E402
-from optimum_rmtkd.exporters.onnx import export_onnx  # noqa: E402
-from optimum_rmtkd.tasks import ImageClassificationCollator, preprocess_image_dataset  # noqa: E402
-from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from benchmarks.fashion_mnist import CLASSES, PADDED_SIDE, load_fashion_mnist
+from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
+from optimum_rmtkd.benchmark import benchmark_models
+from optimum_rmtkd.distillation import evaluate_model, train
+from optimum_rmtkd.exporters.onnx import export_onnx
+from optimum_rmtkd.tasks import ImageClassificationCollator, preprocess_image_dataset
+from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text
 
 PRESETS = {
     "cpu": {"depths": [3, 3, 3], "train_examples": None, "epochs": 8.0},
@@ -207,7 +205,7 @@ def main(argv=None) -> None:
 
     params = report["parameters"]
     summary = {
-        "command": " ".join(["python", "benchmarks/resnet_fashion_mnist.py"] + list(sys.argv[1:] if argv is None else argv)),
+        "command": " ".join(["python", "-m", "benchmarks.resnet_fashion_mnist"] + list(sys.argv[1:] if argv is None else argv)),
         "budget": {
             "training_from_scratch": training, "train_examples": len(splits["train"]),
             "validation_examples": len(splits["validation"]), "test_examples": len(splits["test"]),

@@ -1,10 +1,10 @@
 """Speed benchmark of a compressed model against its original: latency, throughput, memory, FLOPs, energy.
 
-    python benchmarks/speed.py --output-dir benchmarks/results/speed
+    python -m benchmarks.speed --output-dir benchmarks/results/speed
 
 Runs `optimum_rmtkd.benchmark.benchmark_models` over the full grid (batch 1/8/32 × sequence length 32/128, or
 image size 32/224 for image models) on PyTorch and ONNX Runtime (CPU, and CUDA where available), by default on the
-Rotten Tomatoes models that `benchmarks/compress_rotten_tomatoes.py` writes (`--original`, `--compressed` choose
+Rotten Tomatoes models that `python -m benchmarks.compress_rotten_tomatoes` writes (`--original`, `--compressed` choose
 others), prints the Markdown table and writes benchmark.json, benchmark.md and benchmark.png under --output-dir.
 
 It then checks the two targets of the issue and writes them to targets.json:

@@ -3,7 +3,8 @@
 The estimators disagree widely on real activation spectra (DESIGN §1: on MiniLM the paper's rule kept about 10% of
 each width, the debiased median about 40%), so a user should see all of them on their own model and data before
 running `compress`. `analyze_model` runs the same calibration pass as `RMTKDCompressor.compress` (same calibration
-subset, sample unit and statistics) and fits every estimator on each site's spectrum; the model is left untouched.
+subset, sample unit and statistics) and the same width decision (`optimum_rmtkd.widths.decide_widths`), then turns
+every other estimator's rank into widths the same way (`widths_for_ranks`); the model is left untouched.
 
 Example:
 
@@ -31,14 +32,14 @@ from transformers.utils import logging
 from .adapters import get_adapter
 from .calibration import collect_statistics
 from .configuration import RMTKDConfig
-from .covariance import merged, samples_per_view
 from .data import DatasetLike, calibration_subset, check_columns, load_split
-from .report import SiteReport, build_site_report, save_spectrum_plots
-from .rmt import ESTIMATORS, fit_spectrum
+from .report import SiteReport, save_spectrum_plots
+from .rmt import ESTIMATORS
 from .tasks import get_task
 from .utils.import_utils import is_matplotlib_available
 from .utils.io import atomic_directory, atomic_write_json
 from .version import __version__
+from .widths import decide_widths, widths_for_ranks
 
 logger = logging.get_logger(__name__)
 
@@ -200,27 +201,18 @@ def analyze_model(
     stats = collect_statistics(model, loader, points, sample_unit=config.sample_unit)
 
     reports: List[SiteReport] = []
-    asked: Dict[str, Dict[str, int]] = {}
-    fit_kwargs = config.estimator_kwargs()
-    for site in sites:
-        views = [stats[point.key] for point in site.captures]
-        eigenvalues = merged(views).eigh(centered=config.centered).eigenvalues.cpu().numpy()
-        fit = fit_spectrum(eigenvalues, samples_per_view(views), **fit_kwargs)
-        reports.append(build_site_report(site, fit, site.dim, eigenvalues))
-        asked[site.name] = {
-            name: adapter.kept_width(model, site, rank, config) for name, rank in reports[-1].ranks_by_estimator.items()
-        }
-
+    asked: Dict[str, Dict[str, int]] = {site.name: {} for site in sites}
     saved: Dict[str, Dict[str, int]] = {site.name: {} for site in sites}
     for group in groups:
+        # The configured estimator's decision, as `compress` makes it; its reports carry every estimator's rank,
+        # which become widths the same way (the eigendecomposition and fits are not repeated).
+        decision = decide_widths(adapter, model, group, stats, config)
+        reports += [decision.reports[site.name] for site in group]
         for name in ESTIMATORS:
-            widths = adapter.expressible_widths(
-                model, group, {site.name: asked[site.name][name] for site in group}, config.output_format
-            )
+            ranks = {site.name: decision.reports[site.name].ranks_by_estimator[name] for site in group}
+            asked_widths, widths = widths_for_ranks(adapter, model, group, ranks, config)
             for site in group:
-                saved[site.name][name] = widths[site.name]
-    for report in reports:
-        report.kept_width = saved[report.name][config.estimator]
+                asked[site.name][name], saved[site.name][name] = asked_widths[site.name], widths[site.name]
     heavy = [report.name for report in reports if report.heavy_tailed]
     if heavy:
         logger.warning(

@@ -1,9 +1,8 @@
-"""The quality benchmark's baselines (`benchmarks/baselines.py`) on tiny models and synthetic spectra."""
+"""The quality benchmark's baselines (`optimum_rmtkd.baselines`) on tiny models and synthetic spectra, and its report
+helpers (`benchmarks.quality`)."""
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +11,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from optimum_rmtkd.adapters import get_adapter
-from optimum_rmtkd.calibration import collect_statistics
-from optimum_rmtkd.configuration import RMTKDConfig
-from optimum_rmtkd.projection import select_channels
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from baselines import (  # noqa: E402
+from optimum_rmtkd.baselines import (
     cut_channels,
     drop_layers,
     explained_variance_width,
@@ -25,6 +19,9 @@ from baselines import (  # noqa: E402
     random_channels,
     variance_channels,
 )
+from optimum_rmtkd.calibration import collect_statistics
+from optimum_rmtkd.configuration import RMTKDConfig
+from optimum_rmtkd.projection import select_channels
 
 
 def _linear_pair(dim: int = 6) -> tuple[nn.Linear, nn.Linear]:
@@ -176,7 +173,7 @@ def test_drop_layers_rejects_bad_indices(bert_dir):
 
 # --- the benchmark's report helpers (pure functions of stored results) ------------------------------------------------
 def test_pareto_front_keeps_only_undominated_arms():
-    from quality import pareto_front
+    from benchmarks.quality import pareto_front
 
     arms = {
         "big": {"parameters": 10.0, "accuracy": 0.90},
@@ -188,7 +185,7 @@ def test_pareto_front_keeps_only_undominated_arms():
 
 
 def test_paired_difference_verdicts_and_single_seed_floor():
-    from quality import paired_difference
+    from benchmarks.quality import paired_difference
 
     n = 400
     better = {0: {"correct": [1] * 360 + [0] * 40}}  # 90%
@@ -205,7 +202,7 @@ def test_paired_difference_verdicts_and_single_seed_floor():
 
 
 def test_select_arms_keeps_the_order_of_the_patterns():
-    from quality import select_arms
+    from benchmarks.quality import select_arms
 
     chosen = select_arms(["control", "qr_mp-median", "*_mp-median"])
     assert chosen == ["control", "qr_mp-median", "magnitude_mp-median", "variance_mp-median", "random_mp-median"]
