@@ -30,7 +30,7 @@ endif
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python benchmarks/demo.py
+	$(BIN)/python -m benchmarks.demo
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

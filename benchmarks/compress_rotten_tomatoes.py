@@ -16,26 +16,27 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from benchmarks.assets import load_rotten_tomatoes, minilm_path
 from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
 from optimum_rmtkd.configuration import HEAD_REDUCTIONS
-from optimum_rmtkd.data import tokenize_text_dataset
-from optimum_rmtkd.distillation import evaluate_model, train
+from optimum_rmtkd.distillation import train
+from optimum_rmtkd.tasks import get_task
+from optimum_rmtkd.tasks.base import Columns
 from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text
 
 
-def loaders(tokenizer, splits, config):
-    collator = DataCollatorWithPadding(tokenizer)
-    tok = {
-        name: tokenize_text_dataset(ds, tokenizer, text_column="text", label_column="label",
-                                    max_length=config.max_length, name=name).with_format("torch")
-        for name, ds in splits.items()
-    }
-    return {name: DataLoader(ds, batch_size=config.batch_size, shuffle=(name == "train"), collate_fn=collator,
-                             generator=torch.Generator().manual_seed(config.seed))
-            for name, ds in tok.items()}
+TASK = get_task("text-classification")
+
+
+def loaders(tokenizer, splits, config, model_config):
+    """DataLoaders of every split through the library's task (labels checked and mapped as `compress` does)."""
+    prepared = TASK.prepare(splits, tokenizer, model_config, Columns(), config.max_length)
+    collator = TASK.collator(tokenizer)
+    return {name: DataLoader(ds.with_format("torch"), batch_size=config.batch_size, shuffle=(name == "train"),
+                             collate_fn=collator, generator=torch.Generator().manual_seed(config.seed))
+            for name, ds in prepared.splits.items()}
 
 
 def main(argv=None) -> None:
@@ -70,7 +71,7 @@ def main(argv=None) -> None:
     )
     splits = load_rotten_tomatoes(args.max_train, args.max_eval, seed=args.seed)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    data = loaders(tokenizer, splits, config)
+    data = loaders(tokenizer, splits, config, AutoConfig.from_pretrained(minilm_path(), num_labels=2))
     accelerator = Accelerator()
     timings = {}
 
@@ -78,12 +79,13 @@ def main(argv=None) -> None:
     if not (original_dir / "model.safetensors").is_file():  # weights are not committed: fine-tune on a fresh clone
         start = time.perf_counter()
         model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
-        model = train(model, data["train"], accelerator, config, epochs=args.finetune_epochs, description="Fine-tuning")
+        model = train(model, data["train"], accelerator, config, TASK, epochs=args.finetune_epochs,
+                      description="Fine-tuning")
         model.save_pretrained(original_dir)
         tokenizer.save_pretrained(original_dir)
         timings["finetune_s"] = time.perf_counter() - start
     original = AutoModelForSequenceClassification.from_pretrained(original_dir)
-    original_test = evaluate_model(original, data["test"], accelerator, None)
+    original_test = TASK.evaluate(original, data["test"], accelerator)["accuracy"]
 
     report_path = out / "compressed" / "rmtkd_report.json"
     if args.reuse and report_path.is_file():
@@ -104,9 +106,9 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         teacher = AutoModelForSequenceClassification.from_pretrained(original_dir).eval()
         student = AutoModelForSequenceClassification.from_pretrained(original_dir)
-        student = train(student, data["train"], accelerator, config, teacher=teacher, epochs=distill_epochs,
+        student = train(student, data["train"], accelerator, config, TASK, teacher=teacher, epochs=distill_epochs,
                         description="Control: self-distilling the original")
-        control_test = evaluate_model(student, data["test"], accelerator, None)
+        control_test = TASK.evaluate(student, data["test"], accelerator)["accuracy"]
         timings["control_s"] = time.perf_counter() - start
 
     params = report["parameters"]

@@ -66,12 +66,15 @@ from optimum_rmtkd.baselines import (
 from optimum_rmtkd.calibration import collect_statistics
 from optimum_rmtkd.compressor import count_parameters
 from optimum_rmtkd.configuration import RMTKDConfig
-from optimum_rmtkd.data import calibration_subset, tokenize_text_dataset
-from optimum_rmtkd.distillation import evaluate_model, train
+from optimum_rmtkd.data import calibration_subset
+from optimum_rmtkd.distillation import train
+from optimum_rmtkd.tasks import get_task
+from optimum_rmtkd.tasks.base import Columns
 from optimum_rmtkd.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from optimum_rmtkd.widths import decide_widths, widths_for_ranks
 
 TAUS = (0.3, 0.4, 0.5, 0.6, 0.7)
+TASK = get_task("text-classification")
 ESTIMATOR_RULES = tuple(f"paper-tau{t}" for t in TAUS) + ("mp-median", "gavish-donoho", "kritchman-nadler", "mppca")
 PCA_RULE, PCA_FRACTION = "pca90", 0.9
 SELECTIONS = ("qr", "magnitude", "variance", "random")
@@ -192,8 +195,8 @@ class Bench:
         self._seed_cache: Dict[int, Dict[str, Any]] = {}
 
     def _tokenize(self, dataset, name: str):
-        return tokenize_text_dataset(dataset, self.tokenizer, text_column="text", label_column="label",
-                                     max_length=self.args.max_length, name=name).with_format("torch")
+        prepared = TASK.prepare({name: dataset}, self.tokenizer, self.original.config, Columns(), self.args.max_length)
+        return prepared.splits[name].with_format("torch")
 
     def config(self, seed: int, **overrides: Any) -> RMTKDConfig:
         """The library configuration every arm shares: the paper's α = 0.7, T = 1, and the benchmark's budget."""
@@ -305,7 +308,7 @@ class Bench:
         return student, {"widths": widths}
 
     def evaluate(self, model) -> tuple[float, List[int]]:
-        """Test accuracy through the library's `evaluate_model`, keeping the per-example correctness for paired SEs."""
+        """Test accuracy through the library's task, keeping the per-example correctness for paired SEs."""
         seen: Dict[str, List[int]] = {}
 
         def metric(predictions: List[int], references: List[int]) -> float:
@@ -313,7 +316,8 @@ class Bench:
             return sum(seen["correct"]) / len(references)
 
         loader = DataLoader(self.test_tok, batch_size=64, collate_fn=self.collator)
-        return evaluate_model(model, loader, self.accelerator, metric), seen["correct"]
+        (accuracy,) = TASK.evaluate(model, loader, self.accelerator, metric).values()
+        return accuracy, seen["correct"]
 
     def run_arm(self, arm: str, seed: int) -> Dict[str, Any]:
         start = time.perf_counter()
@@ -335,7 +339,7 @@ class Bench:
             if self.args.distill_steps is not None:  # enough epochs that the step cap is what stops training
                 epochs = math.ceil(self.args.distill_steps / len(loader))
             set_seed(seed)
-            student = train(student, loader, self.accelerator, config, teacher=self.original, epochs=epochs,
+            student = train(student, loader, self.accelerator, config, TASK, teacher=self.original, epochs=epochs,
                             description=f"{arm} (seed {seed})")
             record["distill_steps"] = (min(self.args.distill_steps, math.ceil(epochs * len(loader)))
                                        if self.args.distill_steps else math.ceil(epochs * len(loader)))

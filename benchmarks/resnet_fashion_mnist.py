@@ -38,9 +38,10 @@ from transformers import ConvNextImageProcessorPil, ResNetConfig, ResNetForImage
 from benchmarks.fashion_mnist import CLASSES, PADDED_SIDE, load_fashion_mnist
 from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
 from optimum_rmtkd.benchmark import benchmark_models
-from optimum_rmtkd.distillation import evaluate_model, train
+from optimum_rmtkd.distillation import train
 from optimum_rmtkd.exporters.onnx import export_onnx
-from optimum_rmtkd.tasks import ImageClassificationCollator, preprocess_image_dataset
+from optimum_rmtkd.tasks import get_task
+from optimum_rmtkd.tasks.base import Columns
 from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text
 
 PRESETS = {
@@ -48,6 +49,7 @@ PRESETS = {
     "gpu": {"depths": [9, 9, 9], "train_examples": None, "epochs": 30.0},
 }
 RESULT_NAME = "resnet_fashion_mnist"
+TASK = get_task("image-classification")
 
 
 def build_processor(train_images: np.ndarray, channels: int) -> ConvNextImageProcessorPil:
@@ -70,10 +72,11 @@ def build_model(args) -> ResNetForImageClassification:
     return ResNetForImageClassification(config)
 
 
-def loader(dataset, processor, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    processed = preprocess_image_dataset(dataset, processor, image_column="image", label_column="label")
+def loader(dataset, processor, model_config, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """A DataLoader through the library's image-classification task (labels checked against the model's)."""
+    processed = TASK.prepare({"dataset": dataset}, processor, model_config, Columns(), max_length=0).splits["dataset"]
     return DataLoader(processed.with_format("torch"), batch_size=batch_size, shuffle=shuffle,
-                      collate_fn=ImageClassificationCollator(processor), generator=torch.Generator().manual_seed(seed))
+                      collate_fn=TASK.collator(processor), generator=torch.Generator().manual_seed(seed))
 
 
 def parse_args(argv=None):
@@ -140,8 +143,8 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         processor = build_processor(np.asarray(splits["train"].with_format("numpy")["image"]), args.channels)
         model = build_model(args)
-        train_loader = loader(splits["train"], processor, args.batch_size, True, args.seed)
-        model = train(model, train_loader, accelerator, train_config, epochs=args.epochs,
+        train_loader = loader(splits["train"], processor, model.config, args.batch_size, True, args.seed)
+        model = train(model, train_loader, accelerator, train_config, TASK, epochs=args.epochs,
                       description="Training from scratch")
         model.save_pretrained(original_dir)
         processor.save_pretrained(original_dir)
@@ -156,14 +159,16 @@ def main(argv=None) -> None:
         training = dict(json.loads(record_path.read_text()), reused=True)
 
     compressor = RMTKDCompressor.from_pretrained(original_dir, task="image-classification")
-    test_loader = loader(splits["test"], compressor.preprocessor, args.batch_size * 2, False, args.seed)
-    original_test = evaluate_model(compressor.model, test_loader, accelerator, None)
+    test_loader = loader(splits["test"], compressor.preprocessor, compressor.model.config, args.batch_size * 2, False,
+                         args.seed)
+    original_test = TASK.evaluate(compressor.model, test_loader, accelerator)["accuracy"]
 
     config = RMTKDConfig(
         sites=("channels",), estimator=args.estimator, quantile=args.quantile, sigma2_scale=args.sigma2_scale,
         output_format=args.output_format, learning_rate=args.distillation_learning_rate,
         batch_size=args.batch_size, distillation_epochs=args.distillation_epochs,
         max_metric_drop=args.max_metric_drop, target_reduction=args.target_reduction, seed=args.seed,
+        on_metric_drop="stop",  # the recorded runs stop at a stage that costs too much (deepest stage first)
     )
     start = time.perf_counter()
     result = compressor.compress(
@@ -183,10 +188,11 @@ def main(argv=None) -> None:
         student = ResNetForImageClassification.from_pretrained(original_dir)
         distill_config = RMTKDConfig(learning_rate=args.distillation_learning_rate, batch_size=args.batch_size,
                                      seed=args.seed)
-        train_loader = loader(splits["train"], compressor.preprocessor, args.batch_size, True, args.seed)
-        student = train(student, train_loader, accelerator, distill_config, teacher=teacher, epochs=distilled_epochs,
-                        description="Control: self-distilling the original")
-        control_test = evaluate_model(student, test_loader, accelerator, None)
+        train_loader = loader(splits["train"], compressor.preprocessor, student.config, args.batch_size, True,
+                              args.seed)
+        student = train(student, train_loader, accelerator, distill_config, TASK, teacher=teacher,
+                        epochs=distilled_epochs, description="Control: self-distilling the original")
+        control_test = TASK.evaluate(student, test_loader, accelerator)["accuracy"]
         timings["control_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

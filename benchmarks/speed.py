@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from optimum_rmtkd.benchmark import BACKENDS, DEFAULT_BACKENDS, BenchmarkReport, benchmark_models
-from optimum_rmtkd.exporters.onnx import is_image_config, read_config_dict
 from optimum_rmtkd.utils.io import atomic_write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -117,7 +116,6 @@ def main(argv=None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
 
-    image = is_image_config(read_config_dict(args.original))
     report = benchmark_models(
         args.original,
         args.compressed,
@@ -136,7 +134,7 @@ def main(argv=None) -> dict[str, Any]:
     )
     print(report.to_markdown())
 
-    target_size = args.target_size or (224 if image else 128)
+    target_size = args.target_size or (224 if report.size_key == "image_size" else 128)
     targets = {
         "speedup": speedup_target(report, args.target_backend, args.target_batch_size, target_size),
         "export": export_target(report),

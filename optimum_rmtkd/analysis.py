@@ -32,10 +32,11 @@ from transformers.utils import logging
 from .adapters import get_adapter
 from .calibration import collect_statistics
 from .configuration import RMTKDConfig
-from .data import DatasetLike, calibration_subset, check_columns, load_split
+from .data import DatasetLike, calibration_subset, load_split
 from .report import SiteReport, save_spectrum_plots
 from .rmt import ESTIMATORS
 from .tasks import get_task
+from .tasks.base import Columns, Task
 from .utils.import_utils import is_matplotlib_available
 from .utils.io import atomic_directory, atomic_write_json
 from .version import __version__
@@ -157,7 +158,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def analyze_model(
     model: nn.Module,
     preprocessor: Any,
-    task: str,
+    task: Union[str, Task],
     dataset: DatasetLike,
     config: Optional[RMTKDConfig] = None,
     *,
@@ -171,7 +172,7 @@ def analyze_model(
     Args:
         model (`transformers.PreTrainedModel`): a model an adapter supports (see `optimum_rmtkd.adapters`).
         preprocessor: its tokenizer (or image processor).
-        task (`str`): the task, see `optimum_rmtkd.tasks`.
+        task (`str` or `Task`): the task, see `optimum_rmtkd.tasks`.
         dataset: a `datasets.Dataset`, a local csv/json/parquet file or a dataset id (its `train` split). As in
             `compress`, a `config.calibration_fraction` share of it, at most `config.max_calibration_examples`
             examples, is used, so n (hence q and the bulk edge) is what `compress` would see on the same split.
@@ -184,18 +185,17 @@ def analyze_model(
         `RMTKDAnalysis`.
     """
     config = config or RMTKDConfig()
-    spec = get_task(task)
+    task = get_task(task)
     adapter = get_adapter(model)
     groups = adapter.stages(model, config)
     sites = [site for group in groups for site in group]
-    columns = {"text": text_column, "text_pair": text_pair_column, "image": image_column, "label": None}
+    columns = Columns(text=text_column, text_pair=text_pair_column, image=image_column, label=None)
     data = load_split(dataset, "train")
-    check_columns(data, [columns[spec.input_column], text_pair_column], "dataset")
     # The same seeded subset `compress` draws (it shuffles the tokenised split, which has the same rows and order).
     subset = calibration_subset(data, config.calibration_fraction, config.max_calibration_examples, config.seed)
-    inputs = spec.preprocess(subset, preprocessor, columns, config.max_length, None, "dataset")
+    inputs = task.inputs(subset, preprocessor, columns, config.max_length, "dataset")
     loader = DataLoader(inputs.with_format("torch"), batch_size=config.batch_size,
-                        collate_fn=spec.collator(preprocessor))
+                        collate_fn=task.collator(preprocessor))
     # Only the spectra are needed: the refit statistics (`extra_captures`) that `reduce` would use are skipped.
     points = list({point.key: point for site in sites for point in site.captures}.values())
     stats = collect_statistics(model, loader, points, sample_unit=config.sample_unit)

@@ -56,11 +56,9 @@ from .exporters.onnx import (
     check_optimizer_names,
     default_disabled_optimizers,
     export_onnx,
-    is_image_config,
-    load_classification_model,
-    onnx_input_names,
+    load_saved_model,
+    model_task,
     ort_session_options,
-    random_inputs,
 )
 from .utils.import_utils import is_matplotlib_available, require
 from .utils.io import atomic_write_json, atomic_write_text
@@ -225,7 +223,7 @@ class BenchmarkReport:
 
     def plot(self, path: PathLike) -> None:
         """Write a PNG of median latency against batch size, one panel per backend, both models per size."""
-        require("matplotlib", "BenchmarkReport.plot", "plots")
+        require("matplotlib", "BenchmarkReport.plot")
         from matplotlib.figure import Figure
         from matplotlib.ticker import NullLocator
 
@@ -738,25 +736,21 @@ def benchmark_models(
         ort_disabled_optimizers = check_optimizer_names(ort_disabled_optimizers)
 
     models = {
-        "original": load_classification_model(original_dir),
-        "compressed": load_classification_model(compressed_dir),
+        "original": load_saved_model(original_dir),
+        "compressed": load_saved_model(compressed_dir),
     }
-    image = is_image_config(models["original"].config)
-    if image != is_image_config(models["compressed"].config):
+    task = model_task(models["original"])
+    if model_task(models["compressed"]) is not task:
         raise ValueError(
-            f"`original_dir` and `compressed_dir` must hold the same kind of model (both text or both image), "
-            f"got {models['original'].config.model_type!r} and {models['compressed'].config.model_type!r}."
+            f"`original_dir` and `compressed_dir` must hold models of the same task, got "
+            f"{task.name!r} and {model_task(models['compressed']).name!r}."
         )
-    size_key = "image_size" if image else "sequence_length"
-    sizes = _check_positive_ints(size_key + "s", image_sizes if image else sequence_lengths)
-    if not image:
-        for name, model in models.items():
-            limit = getattr(model.config, "max_position_embeddings", None)
-            if limit is not None and max(sizes) > limit:
-                raise ValueError(
-                    f"`sequence_lengths` must not exceed the {name} model's max_position_embeddings ({limit}), "
-                    f"got {sizes}."
-                )
+    size_key = task.size_name
+    sizes = _check_positive_ints(size_key + "s", {"sequence_length": sequence_lengths, "image_size": image_sizes}[size_key])
+    for name, model in models.items():
+        limit = task.max_size(model.config)
+        if limit is not None and max(sizes) > limit:
+            raise ValueError(f"`{size_key}s` must not exceed the {name} model's limit ({limit}), got {sizes}.")
     dirs = {"original": original_dir, "compressed": compressed_dir}
     settings = {
         "backends": list(backends),
@@ -784,7 +778,8 @@ def benchmark_models(
         # Same seed for both models: identical inputs whenever their vocabularies and input names agree.
         model = models[name]
         rng = np.random.default_rng([seed, batch_size, size])
-        return random_inputs(model.config, onnx_input_names(model), batch_size, size, with_padding=False, rng=rng)
+        return task.dummy_inputs(model.config, task.onnx_input_names(model), batch_size, size, with_padding=False,
+                                 rng=rng)
 
     summaries = {}
     for name, model in models.items():

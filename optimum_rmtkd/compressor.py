@@ -18,7 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Union
 
 import datasets
 import psutil
@@ -29,18 +29,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers.utils import logging
 
-from .adapters import Site, get_adapter
+from . import modeling  # noqa: F401  (registers the per-layer types: a stage checkpoint may be one)
+from .adapters import get_adapter
 from .calibration import collect_statistics, process_shard
 from .configuration import RMTKDConfig
-from .covariance import merged, samples_per_view
-from .data import DatasetLike, calibration_subset, check_columns, label_mapping, load_split
-from .distillation import evaluate_model, train
-from .report import SiteReport, build_site_report, save_spectrum_plots
-from .rmt import fit_spectrum
+from .data import DatasetLike, calibration_subset, load_split
+from .distillation import train
+from .modeling.per_layer import as_output_format
+from .report import save_spectrum_plots
 from .saving import load_checkpoint, save_compressed_model, weights_size
 from .tasks import get_task
+from .tasks.base import Columns, Task
 from .utils.io import atomic_write_json, is_same_or_inside
 from .version import __version__
+from .widths import decide_widths
 
 logger = logging.get_logger(__name__)
 
@@ -66,17 +68,17 @@ class RMTKDCompressor:
     Args:
         model (`transformers.PreTrainedModel`): the model to compress; never modified (a copy is edited).
         preprocessor: its tokenizer or image processor, saved with the compressed model.
-        task (`str`, *optional*, defaults to `"text-classification"`): the task, see `optimum_rmtkd.tasks`.
+        task (`str` or `Task`, *optional*): the task (see `optimum_rmtkd.tasks`); defaults to the one the model's
+            config names (its `architectures`).
         source (`str`, *optional*): the Hub id or local path it came from, recorded as `base_model`.
         head_is_new (`bool`, *optional*, defaults to `False`): the task head was freshly initialised, so the
             model is fine-tuned before the first reduction.
     """
 
-    def __init__(self, model: nn.Module, preprocessor=None, *, task: str = "text-classification",
+    def __init__(self, model: nn.Module, preprocessor=None, *, task: Union[str, Task, None] = None,
                  source: Optional[str] = None, head_is_new: bool = False):
         self.adapter = get_adapter(model)
-        self.task = task
-        self.spec = get_task(task)
+        self.task = get_task(task if task is not None else model.config)
         self.model = model
         self.preprocessor = preprocessor
         self.source = source
@@ -84,35 +86,31 @@ class RMTKDCompressor:
 
     @classmethod
     def from_pretrained(
-        cls, model_name_or_path: Union[str, os.PathLike], task: str = "text-classification",
+        cls, model_name_or_path: Union[str, os.PathLike], task: Union[str, Task, None] = None,
         num_labels: Optional[int] = None, seed: int = RMTKDConfig.seed, **hub_kwargs: Any,
     ) -> "RMTKDCompressor":
-        """Load a model and its tokenizer from a Hub id or a local folder (`hub_kwargs` go to `from_pretrained`).
+        """Load a model and its preprocessor from a Hub id or a local folder (`hub_kwargs` go to `from_pretrained`).
 
-        A checkpoint without a classification head (e.g. a sentence encoder) gets a new one with `num_labels`
-        classes (default 2), drawn under `seed` (pass the run's `RMTKDConfig.seed`); the compressor then
-        fine-tunes it before compressing. PyTorch seeds its default generator at random in each process, so an
-        unseeded head would make every run's fine-tuned model, and all that follows, different.
+        The task defaults to the one the checkpoint's config names. A checkpoint without the task's head (e.g. a
+        sentence encoder) gets a new one (with `num_labels` classes for a classifier, default 2), drawn under
+        `seed` (pass the run's `RMTKDConfig.seed`); the compressor then fine-tunes it before compressing.
         """
-        spec = get_task(task)
         kwargs = dict(hub_kwargs)
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
         try:
-            with torch.random.fork_rng(devices=[]):  # seeds only this load, the caller's generator state is kept
-                torch.manual_seed(seed)
-                model, info = spec.auto_model.from_pretrained(
-                    model_name_or_path, output_loading_info=True, **kwargs
-                )
+            if task is None:
+                from transformers import AutoConfig
+
+                task = AutoConfig.from_pretrained(model_name_or_path, **hub_kwargs)
+            task = get_task(task)
+            model, head_is_new = task.load_model(model_name_or_path, seed, **kwargs)
         except OSError as error:
             raise OSError(
                 f"Could not load a model from {str(model_name_or_path)!r}: pass a local folder with config.json and "
                 "weights, or a Hub model id reachable from this machine (set `HF_HUB_OFFLINE=1` to use the cache)."
             ) from error
-        preprocessor = spec.load_preprocessor(model_name_or_path, **hub_kwargs)
-        missing = set(info.get("missing_keys", []))
-        head_prefixes = ("classifier", "pre_classifier", "pooler", "fc")
-        head_is_new = any(key.split(".")[0] in head_prefixes for key in missing)
+        preprocessor = task.load_preprocessor(model_name_or_path, **hub_kwargs)
         return cls(model, preprocessor, task=task, source=str(model_name_or_path), head_is_new=head_is_new)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -144,8 +142,8 @@ class RMTKDCompressor:
             save_directory: output folder; must not be the input model's folder. Stage checkpoints go to
                 `<save_directory>.checkpoints` so an interrupted run resumes where it stopped.
             calibration_dataset (*optional*): data for the spectra instead of the training subset.
-            metric (*optional*): an `evaluate.EvaluationModule` or a callable `(predictions, references)`;
-                defaults to accuracy computed locally.
+            metric (*optional*): for classification, an `evaluate.EvaluationModule` or a callable
+                `(predictions, references)`; defaults to the task's own metric (accuracy computed locally).
             test_dataset (*optional*): held-out data scored before and after compression for the report.
             text_column / text_pair_column / image_column / label_column: the dataset's column names.
         """
@@ -161,21 +159,21 @@ class RMTKDCompressor:
                 raise ValueError("`train_dataset` is too small to hold out a validation split; pass `eval_dataset`.")
             split = train_ds.train_test_split(test_size=0.1, seed=config.seed)
             train_ds, eval_ds = split["train"], split["test"]
-        columns = {"text": text_column, "text_pair": text_pair_column, "image": image_column, "label": label_column}
-        check_columns(train_ds, [columns[self.spec.input_column], label_column], "train_dataset")
-        to_id = label_mapping(train_ds, label_column)
-
-        def prepare(dataset: datasets.Dataset, name: str, labelled: bool = True) -> datasets.Dataset:
-            cols = dict(columns, label=label_column if labelled else None)
-            return self.spec.preprocess(dataset, self.preprocessor, cols, config.max_length, to_id, name)
-
-        train_tok = prepare(train_ds, "train_dataset")
-        eval_tok = prepare(eval_ds, "eval_dataset")
-        test_tok = prepare(load_split(test_dataset, "test"), "test_dataset") if test_dataset is not None else None
-        self._check_labels(train_tok)
-        if calibration_dataset is not None:
-            calib_ds = load_split(calibration_dataset, "train")
-            calib_tok = prepare(calib_ds, "calibration_dataset", labelled=label_column in calib_ds.column_names)
+        columns = Columns(text=text_column, text_pair=text_pair_column, image=image_column, label=label_column)
+        if config.sample_unit not in self.task.sample_units:
+            raise ValueError(
+                f"`sample_unit` must be one of {', '.join(map(repr, self.task.sample_units))} for the {self.task.name} "
+                f"task, got {config.sample_unit!r}."
+            )
+        splits = {
+            "train_dataset": train_ds,
+            "eval_dataset": eval_ds,
+            "test_dataset": load_split(test_dataset, "test") if test_dataset is not None else None,
+            "calibration_dataset": load_split(calibration_dataset, "train") if calibration_dataset is not None else None,
+        }
+        prepared = self.task.prepare(splits, self.preprocessor, self.model.config, columns, config.max_length)
+        train_tok, eval_tok, test_tok, calib_tok = (prepared.splits[name] for name in splits)
+        if calib_tok is not None:
             # Sampled, not truncated: a file sorted by label or source would otherwise bias the spectra.
             calib_tok = calibration_subset(calib_tok, 1.0, config.max_calibration_examples, config.seed)
         else:
@@ -186,14 +184,12 @@ class RMTKDCompressor:
         accelerator = Accelerator(
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
         )
-        dataset_info = {
-            "name": _dataset_name(train_dataset, train_ds),
-            "text_column": text_column if self.spec.input_column == "text" else None,
-            "image_column": image_column if self.spec.input_column == "image" else None,
-            "label_column": label_column,
-        }
+        dataset_info = {"name": _dataset_name(train_dataset, train_ds)}
+        dataset_info.update(
+            {f"{key}_column": columns.get(key) for key in self.task.input_columns + ("label",) if columns.get(key)}
+        )
         run = _Run(self, config, accelerator, save_directory, train_tok, eval_tok, calib_tok, test_tok, metric,
-                   dataset_info)
+                   dataset_info, prepared.config_updates)
         return run.execute(resume=resume)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -213,16 +209,6 @@ class RMTKDCompressor:
                 "`overwrite=True`."
             )
 
-    def _check_labels(self, dataset: datasets.Dataset) -> None:
-        num_labels = int(self.model.config.num_labels)
-        largest = max(dataset["labels"])
-        if largest >= num_labels:
-            raise ValueError(
-                f"The labels go up to {largest} but the model has `num_labels={num_labels}`; pass "
-                f"`num_labels={largest + 1}` to `RMTKDCompressor.from_pretrained`."
-            )
-
-
 def _dataset_name(source, dataset: datasets.Dataset) -> Optional[str]:
     """A Hub-style name for the report: the id or path the user gave, else the Dataset's own recorded name."""
     if isinstance(source, (str, os.PathLike)):
@@ -234,16 +220,18 @@ class _Run:
     """One compression run: owns the working model, the checkpoints and the report being built."""
 
     def __init__(self, compressor, config, accelerator, save_directory, train_tok, eval_tok, calib_tok, test_tok,
-                 metric, dataset_info):
+                 metric, dataset_info, config_updates):
         self.compressor = compressor
         self.adapter = compressor.adapter
+        self.task = compressor.task
+        self.config_updates = config_updates
         self.config = config
         self.accelerator = accelerator
         self.save_directory = save_directory
         self.checkpoints = Path(f"{save_directory}.checkpoints")
         self.metric = metric
         self.dataset_info = dataset_info
-        collator = compressor.spec.collator(compressor.preprocessor)
+        collator = self.task.collator(compressor.preprocessor)
         self.train_loader = DataLoader(
             train_tok.with_format("torch"), batch_size=config.batch_size, shuffle=True, collate_fn=collator,
             generator=torch.Generator().manual_seed(config.seed),
@@ -258,7 +246,7 @@ class _Run:
         )
         # What a checkpoint must match to be resumed: the same input model, task and data, not only the same config.
         self.identity = {
-            "source": compressor.source, "task": compressor.task,
+            "source": compressor.source, "task": self.task.name,
             "model_config": compressor.model.config.to_dict(),
             "parameters": count_parameters(compressor.model),
             "examples": {"train": len(train_tok), "eval": len(eval_tok), "calibration": len(calib_tok)},
@@ -277,30 +265,15 @@ class _Run:
 
     # --- helpers -----------------------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, loader=None) -> float:
-        return evaluate_model(model.to(self.accelerator.device), loader or self.eval_loader, self.accelerator,
-                              self.metric)
+        """The watched metric (the first the task reports) of `model` on the validation (or given) data."""
+        metrics = self.task.evaluate(model.to(self.accelerator.device), loader or self.eval_loader, self.accelerator,
+                                     self.metric)
+        return next(iter(metrics.values()))
 
     def schedule(self, model: nn.Module) -> List[List[str]]:
         """Stages as lists of site names (see `Adapter.stages`): stock widths are one config field per group of
         layers, so a group is cut in one stage; the per-layer format goes layer by layer, as the paper does."""
         return [[site.name for site in group] for group in self.adapter.stages(model, self.config)]
-
-    def decide_widths(self, model, sites: Sequence[Site], stats) -> tuple[Dict[str, int], Dict[str, SiteReport]]:
-        config = self.config
-        widths: Dict[str, int] = {}
-        reports: Dict[str, SiteReport] = {}
-        for site in sites:
-            views = [stats[point.key] for point in site.captures]
-            eig = merged(views).eigh(centered=config.centered)
-            fit = fit_spectrum(eig.eigenvalues.cpu().numpy(), samples_per_view(views), **config.estimator_kwargs())
-            width = self.adapter.kept_width(model, site, fit.rank, config)
-            widths[site.name] = width
-            reports[site.name] = build_site_report(site, fit, width, eig.eigenvalues.cpu().numpy())
-        # The saved format may tie widths together (the stock format: one config field for every layer).
-        widths = self.adapter.expressible_widths(model, sites, widths, config.output_format)
-        for name, report in reports.items():
-            report.kept_width = widths[name]
-        return widths, reports
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def save_checkpoint(self, model: nn.Module, state: Dict[str, Any]) -> None:
@@ -338,10 +311,12 @@ class _Run:
         config, accelerator = self.config, self.accelerator
         state = self.load_state() if resume else None
         if state is not None:
-            model = load_checkpoint(self.checkpoints / state["checkpoint"], self.compressor.spec.auto_model)
+            model = load_checkpoint(self.checkpoints / state["checkpoint"], self.task.auto_model)
             logger.info("Resuming after stage %d from %s", state["completed_stages"], self.checkpoints)
         else:
             model = copy.deepcopy(self.compressor.model)  # the input model is never modified
+            for key, value in self.config_updates.items():  # e.g. the label names the data gave
+                setattr(model.config, key, value)
             state = self.initial_state()
             model = self.finetune_if_needed(model, state)
             state["baseline_metric"] = self.evaluate(model)
@@ -382,10 +357,10 @@ class _Run:
         def reached_trigger(current: nn.Module) -> bool:
             if config.trigger_metric is None:
                 return False
-            return self.evaluate(current) >= config.trigger_metric
+            return self.task.reached(self.evaluate(current), config.trigger_metric)
 
-        model = train(model, self.train_loader, self.accelerator, config, epochs=epochs, description="Fine-tuning",
-                      stop_check=reached_trigger)
+        model = train(model, self.train_loader, self.accelerator, config, self.task, epochs=epochs,
+                      description="Fine-tuning", stop_check=reached_trigger)
         state["finetuned_epochs"] = epochs
         return model
 
@@ -402,7 +377,8 @@ class _Run:
             state["calibration_peak_rss_mb"], psutil.Process().memory_info().rss / 2**20
         )
         logger.debug("Calibration grew RSS by %.1f MiB", (psutil.Process().memory_info().rss - rss_before) / 2**20)
-        widths, reports = self.decide_widths(model, sites, stats)
+        decision = decide_widths(self.adapter, model, sites, stats, config)
+        widths, reports = decision.widths, decision.reports
         for name, report in reports.items():
             state["sites"][name] = report.to_dict()
         worth_it = {
@@ -420,10 +396,10 @@ class _Run:
         cut = [s for s in sites if s.name in worth_it]
 
         teacher = copy.deepcopy(model).eval()  # the checkpoint before this reduction
-        model = self.adapter.reduce(model, cut, worth_it, stats, config)
+        model = as_output_format(self.adapter.reduce(model, cut, worth_it, stats, config), config.output_format)
         del stats
         record["metric_before_distillation"] = self.evaluate(model)
-        model = train(model, self.train_loader, self.accelerator, config, teacher=teacher,
+        model = train(model, self.train_loader, self.accelerator, config, self.task, teacher=teacher,
                       epochs=config.distillation_epochs, description=f"Stage {index + 1}: distilling")
         metric = self.evaluate(model)
         record["metric_after_distillation"] = metric
@@ -434,17 +410,18 @@ class _Run:
                     record["parameters"])
 
         reduction = 1 - record["parameters"] / state["parameters_original"]
-        if config.max_metric_drop is not None and state["baseline_metric"] - metric > config.max_metric_drop:
+        if (config.max_metric_drop is not None
+                and self.task.metric_drop(state["baseline_metric"], metric) > config.max_metric_drop):
             record["reverted"] = True
             record["parameters"] = count_parameters(teacher)  # the model going on is the one before the cut
             if config.on_metric_drop == "stop":
                 state["stop_reason"] = (
-                    f"validation metric {metric:.4f} fell more than {config.max_metric_drop} below the uncompressed "
-                    f"{state['baseline_metric']:.4f}; kept the previous stage"
+                    f"validation metric {metric:.4f} is worse than the uncompressed {state['baseline_metric']:.4f} by "
+                    f"more than {config.max_metric_drop}; kept the previous stage"
                 )
             else:
-                logger.warning("Stage %d undone: validation metric %.4f fell more than %s below %.4f; going on.",
-                               index + 1, metric, config.max_metric_drop, state["baseline_metric"])
+                logger.warning("Stage %d undone: validation metric %.4f is worse than %.4f by more than %s; going on.",
+                               index + 1, metric, state["baseline_metric"], config.max_metric_drop)
             return teacher
         if config.target_reduction is not None and reduction >= config.target_reduction:
             state["stop_reason"] = f"target reduction {config.target_reduction:.0%} reached ({reduction:.1%})"
@@ -469,17 +446,15 @@ class _Run:
     def build_report(self, model, state, final_metric, test_metric) -> Dict[str, Any]:
         original = state["parameters_original"]
         compressed = count_parameters(model)
-        metric_name = getattr(self.metric, "name", None) or (
-            getattr(self.metric, "__name__", None) if self.metric is not None else "accuracy"
-        )
         widths = {name: site["kept_width"] for name, site in state["sites"].items()}
         kept = [dict(site, kept_width=self._final_width(model, name, widths)) for name, site in state["sites"].items()]
         return {
             "base_model": self.compressor.source,
-            "task": self.compressor.task,
+            "task": self.task.name,
             "package_version": __version__,
             "dataset": dict(self.dataset_info, calibration_samples=self.n_calibration_examples),
-            "metric_name": metric_name,
+            "metric_name": self.task.metric_label(self.metric),
+            "metric_higher_is_better": self.task.higher_is_better,
             "metrics": {
                 "original": state["baseline_test_metric"] if test_metric is not None else state["baseline_metric"],
                 "compressed": test_metric if test_metric is not None else final_metric,

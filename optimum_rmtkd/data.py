@@ -1,9 +1,9 @@
-"""Datasets in, tokenised tensors out: `datasets.Dataset` objects or anything `datasets.load_dataset` reads."""
+"""Datasets in: `datasets.Dataset` objects or anything `datasets.load_dataset` reads (the tasks preprocess them)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import datasets
 from transformers.utils import logging
@@ -53,43 +53,6 @@ def check_columns(dataset: datasets.Dataset, columns: Sequence[Optional[str]], n
                 "Pass the right `text_column`/`image_column`/`label_column` (`--text-column`/`--image-column`/"
                 "`--label-column` on the command line)."
             )
-
-
-def label_mapping(dataset: datasets.Dataset, label_column: str) -> Optional[Dict[Any, int]]:
-    """A sorted value → id mapping when labels are not already integer class ids, else `None`."""
-    feature = dataset.features[label_column]
-    if isinstance(feature, datasets.ClassLabel):
-        return None
-    values = sorted(set(dataset[label_column]))
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values) and values and values[0] >= 0:
-        return None
-    return {value: index for index, value in enumerate(values)}
-
-
-def tokenize_text_dataset(
-    dataset: datasets.Dataset,
-    tokenizer,
-    *,
-    text_column: str,
-    label_column: Optional[str],
-    text_pair_column: Optional[str] = None,
-    max_length: int = 128,
-    label_to_id: Optional[Dict[Any, int]] = None,
-    name: str = "dataset",
-) -> datasets.Dataset:
-    """Tokenise (truncating to `max_length`, padding left to the collator) and rename the label column to `labels`."""
-    check_columns(dataset, [text_column, text_pair_column, label_column], name)
-
-    def encode(batch: Dict[str, List[Any]]) -> Dict[str, Any]:
-        texts = [str(t) for t in batch[text_column]]
-        pairs = [str(t) for t in batch[text_pair_column]] if text_pair_column else None
-        encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-        if label_column is not None:
-            labels = batch[label_column]
-            encoded["labels"] = [label_to_id[v] for v in labels] if label_to_id else [int(v) for v in labels]
-        return encoded
-
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"Tokenizing {name}")
 
 
 def calibration_subset(dataset: datasets.Dataset, fraction: float, cap: int, seed: int) -> datasets.Dataset:

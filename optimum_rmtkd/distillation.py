@@ -1,11 +1,13 @@
-"""Self-distillation with Accelerate: L = α·CE(y, p_new) + (1 − α)·T²·KL(p_old ‖ p_new) (paper §II)."""
+"""Self-distillation with Accelerate: L = α·(task loss) + (1 − α)·T²·KL(p_old ‖ p_new) (paper §II).
+
+A plain Accelerate loop; the loss comes from the task (`Task.loss`), so the loop knows no labels or logits.
+"""
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
@@ -16,76 +18,10 @@ from transformers.utils import logging
 from .configuration import RMTKDConfig
 from .utils.progress import progress_bars_enabled
 
+if TYPE_CHECKING:
+    from .tasks.base import Task
+
 logger = logging.get_logger(__name__)
-
-
-def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: Optional[torch.Tensor],
-    labels: torch.Tensor,
-    alpha: float = 0.7,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """α·CE(labels, student) + (1 − α)·T²·KL(softmax(teacher/T) ‖ softmax(student/T)); plain CE without a teacher.
-
-    The T² factor keeps the KL gradients on the CE scale when T > 1 (Hinton et al., 2015).
-    """
-    ce = F.cross_entropy(student_logits.float(), labels)
-    if teacher_logits is None or alpha == 1.0:
-        return ce
-    log_p_new = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_old = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(log_p_new, log_p_old, log_target=True, reduction="batchmean")
-    return alpha * ce + (1.0 - alpha) * temperature**2 * kl
-
-
-def accuracy(predictions: List[int], references: List[int]) -> Dict[str, float]:
-    """Accuracy computed locally (`evaluate.load("accuracy")` fetches its script from the Hub)."""
-    if not references:
-        raise ValueError("Cannot compute a metric on an empty evaluation set.")
-    correct = sum(int(p == r) for p, r in zip(predictions, references))
-    return {"accuracy": correct / len(references)}
-
-
-def resolve_metric(metric) -> Callable[[List[int], List[int]], float]:
-    """Accept `None` (accuracy), an `evaluate.EvaluationModule`, or a callable `(predictions, references)`.
-
-    Whatever it returns (a number or a dict of numbers), the first value is the metric the stop rules watch.
-    """
-    if metric is None:
-        metric = accuracy
-    compute = getattr(metric, "compute", None)
-    if compute is None and not callable(metric):
-        raise TypeError(
-            f"`metric` must be an `evaluate.EvaluationModule` or a callable (predictions, references), got {type(metric).__name__}."
-        )
-
-    def score(predictions: List[int], references: List[int]) -> float:
-        result = compute(predictions=predictions, references=references) if compute else metric(predictions, references)
-        if isinstance(result, dict):
-            result = next(iter(result.values()))
-        return float(result)
-
-    return score
-
-
-@torch.no_grad()
-def evaluate_model(model: nn.Module, dataloader: DataLoader, accelerator: Accelerator, metric) -> float:
-    """Argmax predictions gathered across processes (`gather_for_metrics` drops the padding duplicates)."""
-    score = resolve_metric(metric)
-    was_training = model.training
-    model.eval()
-    predictions: List[int] = []
-    references: List[int] = []
-    for batch in dataloader:
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        logits = model(**batch).logits
-        preds, refs = accelerator.gather_for_metrics((logits.argmax(dim=-1), labels))
-        predictions.extend(preds.tolist())
-        references.extend(refs.tolist())
-    model.train(was_training)
-    return score(predictions, references)
 
 
 def train(
@@ -93,6 +29,7 @@ def train(
     dataloader: DataLoader,
     accelerator: Accelerator,
     config: RMTKDConfig,
+    task: "Task",
     *,
     teacher: Optional[nn.Module] = None,
     epochs: float,
@@ -101,7 +38,7 @@ def train(
 ) -> nn.Module:
     """Train `model` for `epochs` (capped by `config.max_distillation_steps`) and return the unwrapped model.
 
-    With a `teacher` the loss is the RMT-KD self-distillation loss; without one it is plain cross-entropy (the
+    With a `teacher` the loss is the task's RMT-KD self-distillation loss; without one it is the task loss alone (the
     pre-compression fine-tuning). `stop_check`, when given, is called after each epoch and ends training early
     when it returns `True` (the paper's "train until validation accuracy exceeds a threshold").
     """
@@ -132,13 +69,13 @@ def train(
     while not done:
         for batch in dataloader:
             with accelerator.accumulate(model):
-                labels = batch.pop("labels")
-                logits = model(**batch).logits
-                teacher_logits = None
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                outputs = model(**inputs)
+                teacher_outputs = None
                 if teacher is not None:
                     with torch.no_grad():
-                        teacher_logits = teacher(**batch).logits
-                loss = distillation_loss(logits, teacher_logits, labels, config.alpha, config.temperature)
+                        teacher_outputs = teacher(**inputs)
+                loss = task.loss(outputs, teacher_outputs, batch, config.alpha, config.temperature)
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()

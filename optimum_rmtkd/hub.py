@@ -18,6 +18,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers.utils import logging
 
+from .tasks import get_task, task_names
 from .utils.io import atomic_write_text
 
 
@@ -41,16 +42,6 @@ _REPORT_KEYS = [
     "base_model", "task", "package_version", "dataset", "metric_name", "metrics", "parameters", "size_bytes",
     "sites", "stages", "output_format", "stop_reason",
 ]
-# task (also the pipeline tag) -> (auto class, task name, files that mean a preprocessor was saved, its auto class)
-_TASKS = {
-    "text-classification": (
-        "AutoModelForSequenceClassification", "Text Classification", ("tokenizer.json", "tokenizer_config.json"),
-        "AutoTokenizer",
-    ),
-    "image-classification": (
-        "AutoModelForImageClassification", "Image Classification", ("preprocessor_config.json",), "AutoImageProcessor",
-    ),
-}
 _OUTPUT_FORMATS = ("stock", "per-layer")
 
 
@@ -83,7 +74,8 @@ def build_model_card(
         datasets (`str` or `list[str]`, *optional*):
             Hub ids of the data used; defaults to the report's dataset name when it is a Hub id.
         template_path (`str` or `os.PathLike`, *optional*):
-            A Jinja model card template; defaults to `model_cards/rmtkd_model_card_template.md`.
+            A Jinja model card template; defaults to `optimum_rmtkd/model_cards/rmtkd_model_card_template.md`
+                (shipped with the package).
         repo_id (`str`, *optional*):
             The Hub repository the card describes, used as the model name and in the usage snippets; defaults to the
             folder name.
@@ -109,13 +101,13 @@ def build_model_card(
     model_dir = Path(model_dir)
     report = _load_report(model_dir)
     task = report["task"]
-    if task not in _TASKS:
-        raise ValueError(f"`task` in {REPORT_NAME} must be one of {sorted(_TASKS)}, got {task!r}.")
+    if task not in task_names():
+        raise ValueError(f"`task` in {REPORT_NAME} must be one of {task_names()}, got {task!r}.")
     if report["output_format"] not in _OUTPUT_FORMATS:
         raise ValueError(
             f"`output_format` in {REPORT_NAME} must be one of {list(_OUTPUT_FORMATS)}, got {report['output_format']!r}."
         )
-    auto_class, task_name, preprocessor_files, preprocessor_class = _TASKS[task]
+    task_card = get_task(task).card_context()
     repo_id = repo_id or model_dir.resolve().name
     model_name = repo_id.split("/")[-1]
 
@@ -142,7 +134,7 @@ def build_model_card(
                 eval_results.append(
                     EvalResult(
                         task_type=task,
-                        task_name=task_name,
+                        task_name=task_card["task_name"],
                         dataset_type=datasets[0],
                         dataset_name=datasets[0],
                         metric_type=metric_name,
@@ -174,20 +166,18 @@ def build_model_card(
         "repo_id": repo_id,
         "base_model_ref": _model_ref(base_model, base_source),
         "package_version": report["package_version"],
-        "task": task,
-        "task_name": task_name,
-        "auto_class": auto_class,
+        **task_card,
         "preprocessor_class": (
-            preprocessor_class if any((model_dir / name).is_file() for name in preprocessor_files) else None
+            task_card["preprocessor_class"]
+            if any((model_dir / name).is_file() for name in task_card["preprocessor_files"]) else None
         ),
         "model_type": model_type,
         "output_format": report["output_format"],
         "stop_reason": report["stop_reason"],
         "dataset_ref": _dataset_ref(datasets, dataset_source),
         "dataset_columns": ", ".join(
-            f"{role} column `{dataset[key]}`"
-            for role, key in (("text", "text_column"), ("label", "label_column"))
-            if dataset.get(key)
+            f"{key.removesuffix('_column').replace('_', ' ')} column `{value}`"
+            for key, value in dataset.items() if key.endswith("_column") and value
         ),
         "calibration_samples": dataset.get("calibration_samples"),
         "metric_name": metric_name,

@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 
 from optimum_rmtkd.adapters import get_adapter
 from optimum_rmtkd.calibration import collect_statistics, process_shard
-from optimum_rmtkd.data import tokenize_text_dataset
+from optimum_rmtkd.tasks.sequence_classification import tokenize_texts
 
 sys.path.insert(0, sys.argv[3])
 from conftest import make_text_dataset  # noqa: E402
@@ -20,7 +20,7 @@ def main(model_dir: str, output: str) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # 37 examples: an odd count, so even_batches-style padding would have duplicated one.
-    data = tokenize_text_dataset(make_text_dataset(37, seed=3), tokenizer, text_column="text", label_column="label")
+    data = tokenize_texts(make_text_dataset(37, seed=3), tokenizer, text_column="text")
     shard = process_shard(data, accelerator)
     loader = DataLoader(shard.with_format("torch"), batch_size=5, collate_fn=DataCollatorWithPadding(tokenizer))
     adapter = get_adapter(model)

@@ -18,7 +18,7 @@ from _models import NUM_LABELS, save_tiny_bert, save_tiny_resnet
 from optimum_rmtkd import benchmark as benchmark_module
 from optimum_rmtkd.benchmark import BenchmarkReport, BenchmarkSpeedup, benchmark_models, count_flops_per_example
 from optimum_rmtkd.energy import NVMLPowerSampler, RAPLReader
-from optimum_rmtkd.exporters.onnx import ONNXExportResult, load_classification_model
+from optimum_rmtkd.exporters.onnx import ONNXExportResult, load_saved_model
 
 SPEED_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 RESULT_KEYS = {
@@ -45,7 +45,7 @@ def _bert_flops(sequence_length: int, hidden: int = 32, ffn: int = 37, layers: i
 
 @pytest.mark.parametrize("sequence_length", [8, 32])
 def test_flop_count_matches_the_analytic_count(bert_pair, sequence_length):
-    model = load_classification_model(bert_pair[0])
+    model = load_saved_model(bert_pair[0])
     feed = {"input_ids": np.ones((3, sequence_length), dtype=np.int64)}
     # Batch 3 in, one example counted; attention included although PyTorch runs its CPU SDPA kernel.
     assert count_flops_per_example(model, feed) == _bert_flops(sequence_length)
@@ -74,7 +74,7 @@ def _conv_and_linear_flops(model: torch.nn.Module, pixel_values: torch.Tensor) -
 
 @pytest.mark.parametrize("image_size", [16, 32])
 def test_flop_count_of_resnet_counts_convolutions_and_classifier(tmp_path, image_size):
-    model = load_classification_model(save_tiny_resnet(tmp_path / "resnet"))
+    model = load_saved_model(save_tiny_resnet(tmp_path / "resnet"))
     pixels = np.zeros((2, 3, image_size, image_size), dtype=np.float32)
     expected = _conv_and_linear_flops(model, torch.from_numpy(pixels[:1]))
     # Convolutions and the classifier only: BatchNorm, ReLU and pooling are not counted, as in FLOP tables.
@@ -215,7 +215,7 @@ def test_image_benchmark_names_its_size(tmp_path):
         ),
         (
             {"sequence_lengths": (65,)},
-            r"`sequence_lengths` must not exceed the original model's max_position_embeddings \(64\)",
+            r"`sequence_lengths` must not exceed the original model's limit \(64\)",
         ),
     ],
 )
@@ -226,7 +226,8 @@ def test_bad_arguments_are_refused(bert_pair, kwargs, message):
 
 def test_text_and_image_models_cannot_be_compared(bert_pair, tmp_path):
     resnet = save_tiny_resnet(tmp_path / "resnet")
-    with pytest.raises(ValueError, match=r"must hold the same kind of model .*got 'bert' and 'resnet'"):
+    with pytest.raises(ValueError, match=r"must hold models of the same task, got 'text-classification' and "
+                                         r"'image-classification'"):
         benchmark_models(bert_pair[0], resnet, backends=("pytorch",))
 
 

@@ -7,7 +7,6 @@ from transformers import AutoModelForSequenceClassification
 
 import optimum_rmtkd.compressor as compressor_module
 from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
-from optimum_rmtkd.distillation import distillation_loss
 
 FAST = dict(batch_size=16, max_length=32, max_distillation_steps=2, width_multiple=4, min_width=4,
             estimator="mp-median", max_metric_drop=None)
@@ -169,14 +168,35 @@ def test_local_csv_files_are_datasets(bert_dir, text_splits, tmp_path):
     assert result.report["stop_reason"] == "max_stages=1 reached"
 
 
-def test_string_labels_are_mapped(bert_dir, text_splits, tmp_path):
+def test_string_labels_follow_the_models_label2id(bert_dir, text_splits, tmp_path):
+    # The head names its classes in an order that is not alphabetical: mapping the names in sorted order would flip
+    # classes 0 and 2 and score the same rows far worse than their ids do.
+    names = ["pos", "neu", "neg"]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        bert_dir, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
+    )
+    named = RMTKDCompressor(model, compressor_module.get_task("text-classification").load_preprocessor(bert_dir),
+                            source=str(bert_dir))
+    train = text_splits["train"].map(lambda r: {"label": names[r["label"]]})
+    valid = text_splits["validation"].map(lambda r: {"label": names[r["label"]]})
+    by_name = named.compress(train, valid, RMTKDConfig(**FAST, max_stages=1), save_directory=tmp_path / "names")
+    by_id = named.compress(text_splits["train"], text_splits["validation"], RMTKDConfig(**FAST, max_stages=1),
+                           save_directory=tmp_path / "ids")
+    assert by_name.report["metrics"]["original"] == by_id.report["metrics"]["original"]
+    saved = json.loads((tmp_path / "names" / "config.json").read_text())
+    assert saved["label2id"] == {"pos": 0, "neu": 1, "neg": 2}
+
+
+def test_string_labels_without_class_names_are_numbered_and_saved(bert_dir, text_splits, tmp_path):
     names = ["neg", "neu", "pos"]
     train = text_splits["train"].map(lambda r: {"label": names[r["label"]]})
     valid = text_splits["validation"].map(lambda r: {"label": names[r["label"]]})
-    result = RMTKDCompressor.from_pretrained(bert_dir).compress(
+    RMTKDCompressor.from_pretrained(bert_dir).compress(
         train, valid, RMTKDConfig(**FAST, max_stages=1), save_directory=tmp_path / "out"
     )
-    assert result.report["metrics"]["compressed"] is not None
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "neg", "1": "neu", "2": "pos"}
+    assert saved["label2id"] == {"neg": 0, "neu": 1, "pos": 2}
 
 
 def test_missing_label_column(bert_dir, text_splits, tmp_path):
@@ -242,24 +262,11 @@ def test_missing_model_path_explains_the_fix(tmp_path):
 
 def test_too_many_labels_for_the_head(bert_dir, text_splits, tmp_path):
     train = text_splits["train"].map(lambda r: {"label": r["label"] + 5})
-    with pytest.raises(ValueError, match="labels go up to 7 but the model has `num_labels=3`; pass `num_labels=8`"):
+    with pytest.raises(ValueError, match="`train_dataset` has class id 7 but the model has `num_labels=3`; .* pass "
+                                         "`num_labels=8`"):
         RMTKDCompressor.from_pretrained(bert_dir).compress(
             train, text_splits["validation"], RMTKDConfig(**FAST), save_directory=tmp_path / "o"
         )
-
-
-def test_distillation_loss_matches_its_formula():
-    g = torch.Generator().manual_seed(0)
-    student, teacher = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
-    labels = torch.tensor([0, 2, 1, 1, 0])
-    alpha, temperature = 0.7, 2.0
-    p_old = torch.softmax(teacher / temperature, -1)
-    p_new = torch.softmax(student / temperature, -1)
-    kl = (p_old * (p_old.log() - p_new.log())).sum(-1).mean()
-    ce = torch.nn.functional.cross_entropy(student, labels)
-    expected = alpha * ce + (1 - alpha) * temperature**2 * kl
-    torch.testing.assert_close(distillation_loss(student, teacher, labels, alpha, temperature), expected)
-    torch.testing.assert_close(distillation_loss(student, None, labels, alpha, temperature), ce)
 
 
 def test_a_new_head_is_drawn_under_the_seed(bert_dir, tmp_path):

@@ -18,7 +18,7 @@ from optimum_rmtkd.exporters.onnx import (
     RMTKDValidationError,
     _convert_to_fp16,
     export_onnx,
-    load_classification_model,
+    load_saved_model,
     ort_session_options,
     validate_onnx,
 )
@@ -249,9 +249,9 @@ def test_existing_output_needs_overwrite(bert_export, model_dirs):
         export_onnx(model_dirs["bert"], bert_export.onnx_path.parent)
 
 
-def test_load_classification_model_picks_the_auto_class(model_dirs):
-    assert type(load_classification_model(model_dirs["resnet"])).__name__ == "ResNetForImageClassification"
-    bert = load_classification_model(model_dirs["bert"])
+def test_load_saved_model_picks_the_tasks_auto_class(model_dirs):
+    assert type(load_saved_model(model_dirs["resnet"])).__name__ == "ResNetForImageClassification"
+    bert = load_saved_model(model_dirs["bert"])
     assert type(bert).__name__ == "BertForSequenceClassification" and not bert.training
     assert next(bert.parameters()).dtype == torch.float32
 

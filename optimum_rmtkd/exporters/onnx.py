@@ -1,4 +1,4 @@
-"""ONNX export of a saved classifier, in the folder layout optimum's ONNX Runtime classes read, checked against PyTorch.
+"""ONNX export of a saved model, in the folder layout optimum's ONNX Runtime classes read, checked against PyTorch.
 
 The export goes through `torch.onnx.export(..., dynamo=True)`, the default and maintained path since PyTorch 2.9:
 `torch.export` traces with symbolic batch, sequence and image sizes, so the dynamic axes hold by construction, and
@@ -15,7 +15,6 @@ for the output of its `ORTOptimizer`).
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -27,14 +26,12 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from transformers import (
-    AutoModelForImageClassification,
-    AutoModelForSequenceClassification,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import PreTrainedModel
 from transformers.utils import logging
 
+from .. import modeling  # noqa: F401  (registers the per-layer types, so their folders load)
+from ..tasks import get_task
+from ..tasks.base import Task
 from ..utils.import_utils import require
 from ..utils.io import atomic_directory, is_same_or_inside
 
@@ -104,74 +101,22 @@ def read_config_dict(model_dir: PathLike) -> dict:
     return json.loads(config_file.read_text(encoding="utf-8"))
 
 
-def is_image_config(config: Union[dict, PretrainedConfig]) -> bool:
-    """Whether a config describes an image classifier (ResNet or anything with `num_channels`), else text."""
-    if not isinstance(config, dict):
-        config = config.to_dict()
-    return "resnet" in str(config.get("model_type", "")) or config.get("num_channels") is not None
+def load_saved_model(model_dir: PathLike, *, device: str = "cpu") -> PreTrainedModel:
+    """Load a saved model with its task's Auto class, in float32 and eval mode.
 
-
-def load_classification_model(model_dir: PathLike, *, device: str = "cpu") -> PreTrainedModel:
-    """Load a saved sequence or image classifier in float32 and eval mode.
-
-    The Auto class is chosen from `config.json`; `trust_remote_code=True` is passed only when the config has an
-    `auto_map` (a registered `rmtkd_*` type saved with its modeling code). Weights are cast to float32 so that an
-    export, a validation and a benchmark compare the architectures, not the storage precision.
+    The task comes from `config.json` (`optimum_rmtkd.tasks.get_task`); `trust_remote_code=True` is passed only
+    when the config has an `auto_map` (a registered `rmtkd_*` type saved with its modeling code). Weights are cast
+    to float32 so that an export, a validation and a benchmark compare the architectures, not the storage precision.
     """
     config = read_config_dict(model_dir)
-    auto_class = AutoModelForImageClassification if is_image_config(config) else AutoModelForSequenceClassification
     kwargs = {"trust_remote_code": True} if config.get("auto_map") else {}
-    model = auto_class.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    model = get_task(config).auto_model.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
     return model.to(device).eval()
 
 
-def onnx_input_names(model: PreTrainedModel) -> tuple[str, ...]:
-    """The graph inputs, named as optimum's ONNX configs name them.
-
-    `token_type_ids` is an input only when the model takes it and has more than one segment type
-    (`type_vocab_size > 1`): RoBERTa's single type makes it a constant, and optimum's RoBERTa export omits it too.
-    """
-    if is_image_config(model.config):
-        return ("pixel_values",)
-    parameters = inspect.signature(model.forward).parameters
-    names = ["input_ids"]
-    if "attention_mask" in parameters:
-        names.append("attention_mask")
-    if "token_type_ids" in parameters and getattr(model.config, "type_vocab_size", 1) > 1:
-        names.append("token_type_ids")
-    return tuple(names)
-
-
-def random_inputs(
-    config, input_names: Sequence[str], batch_size: int, size: int, *, with_padding: bool, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
-    """Random model inputs as numpy arrays: token ids of length `size`, or `size` × `size` images.
-
-    With `with_padding`, row i of a text batch keeps `size - i * size // (batch_size + 1)` tokens and the rest is
-    padding (pad id, attention mask 0), so every batch of two or more rows checks the masked path; row 0 stays full.
-    `token_type_ids` marks the second half of each row as segment 1.
-    """
-    if "pixel_values" in input_names:
-        channels = getattr(config, "num_channels", 3)
-        return {"pixel_values": rng.standard_normal((batch_size, channels, size, size)).astype(np.float32)}
-    input_ids = rng.integers(0, config.vocab_size, size=(batch_size, size), dtype=np.int64)
-    attention_mask = np.ones((batch_size, size), dtype=np.int64)
-    if with_padding:
-        pad_id = getattr(config, "pad_token_id", None) or 0
-        for row in range(batch_size):
-            length = size - row * size // (batch_size + 1)
-            attention_mask[row, length:] = 0
-            input_ids[row, length:] = pad_id
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "token_type_ids" in input_names:
-        inputs["token_type_ids"] = np.broadcast_to(np.arange(size) >= size // 2, (batch_size, size)).astype(np.int64)
-    return {name: inputs[name] for name in input_names}
-
-
-def _dynamic_shapes(input_names: Sequence[str]) -> dict[str, dict[int, str]]:
-    if "pixel_values" in input_names:
-        return {"pixel_values": {0: "batch_size", 2: "height", 3: "width"}}
-    return {name: {0: "batch_size", 1: "sequence_length"} for name in input_names}
+def model_task(model: PreTrainedModel) -> Task:
+    """The task of a loaded model, read from its config."""
+    return get_task(model.config)
 
 
 def _weights_bytes(model: torch.nn.Module) -> int:
@@ -180,11 +125,12 @@ def _weights_bytes(model: torch.nn.Module) -> int:
 
 def _torch_export(model: PreTrainedModel, onnx_path: Path, opset: int) -> None:
     """Trace `model` with `torch.export` and write the ONNX graph with dynamic batch/sequence (or image) axes."""
-    input_names = onnx_input_names(model)
+    task = model_task(model)
+    input_names = task.onnx_input_names(model)
     # Trace at batch 2 with a padded row: torch.export specialises sizes 0 and 1, and an all-ones mask could let
     # a model take a mask-free path that a padded batch never takes.
-    size = 16 if "pixel_values" not in input_names else 32
-    example = random_inputs(model.config, input_names, 2, size, with_padding=True, rng=np.random.default_rng(0))
+    example = task.dummy_inputs(model.config, input_names, 2, task.example_size, with_padding=True,
+                                rng=np.random.default_rng(0))
     kwargs = {name: torch.from_numpy(array).to(model.device) for name, array in example.items()}
     with warnings.catch_warnings():
         # Each input repeats the axis names "batch_size"/"sequence_length"; torch notes that it merges them.
@@ -197,10 +143,10 @@ def _torch_export(model: PreTrainedModel, onnx_path: Path, opset: int) -> None:
             str(onnx_path),
             kwargs=kwargs,
             input_names=list(input_names),
-            output_names=["logits"],
+            output_names=list(task.onnx_output_names),
             opset_version=opset,
             dynamo=True,
-            dynamic_shapes=_dynamic_shapes(input_names),
+            dynamic_shapes=task.dynamic_axes(input_names),
             external_data=_weights_bytes(model) > _EXTERNAL_DATA_BYTES,
             verbose=False,
         )
@@ -397,7 +343,7 @@ def export_onnx(
     if not atol > 0:
         raise ValueError(f"`atol` must be positive, got {atol}.")
 
-    model = load_classification_model(model_dir)
+    model = load_saved_model(model_dir)
     providers = _execution_providers(device)
     with atomic_directory(output_dir, overwrite=overwrite) as tmp_dir:
         onnx_path = tmp_dir / ONNX_WEIGHTS_NAME
@@ -451,7 +397,7 @@ def validate_onnx(
     model: Union[PreTrainedModel, PathLike],
     *,
     atol: float = DEFAULT_ATOL,
-    shapes: Sequence[tuple[int, int]] = ((2, 16), (3, 37)),
+    shapes: Optional[Sequence[tuple[int, int]]] = None,
     with_padding: bool = True,
     providers: Optional[Sequence[str]] = None,
     seed: int = 0,
@@ -466,7 +412,8 @@ def validate_onnx(
         onnx_dir_or_path (`str` or `os.PathLike`): an ONNX file, or a folder holding `model.onnx`.
         model (`PreTrainedModel`, `str` or `os.PathLike`): the PyTorch reference, or its `save_pretrained` folder.
         atol (`float`, *optional*, defaults to 1e-4): largest allowed max |Δ| of the logits.
-        shapes (`Sequence[tuple[int, int]]`, *optional*): the `(batch_size, size)` pairs to compare at.
+        shapes (`Sequence[tuple[int, int]]`, *optional*): the `(batch_size, size)` pairs to compare at; defaults to
+            the task's `validation_shapes`.
         with_padding (`bool`, *optional*, defaults to `True`): pad all text rows but the first.
         providers (`Sequence[str]`, *optional*): ONNX Runtime execution providers; defaults to the CPU one.
         seed (`int`, *optional*, defaults to 0): seed of the random inputs.
@@ -491,14 +438,15 @@ def validate_onnx(
             f"`onnx.checker` rejects {str(path)!r} ({reason}); the file is damaged or the export is wrong: export again."
         ) from error
     if not isinstance(model, torch.nn.Module):
-        model = load_classification_model(model)
+        model = load_saved_model(model)
+    task = model_task(model)
     session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
     input_names = [graph_input.name for graph_input in session.get_inputs()]
     rng = np.random.default_rng(seed)
     max_abs_diff: dict[str, float] = {}
-    for batch_size, size in shapes:
+    for batch_size, size in shapes or task.validation_shapes:
         key = f"{batch_size}x{size}"
-        feed = random_inputs(model.config, input_names, batch_size, size, with_padding=with_padding, rng=rng)
+        feed = task.dummy_inputs(model.config, input_names, batch_size, size, with_padding=with_padding, rng=rng)
         with torch.no_grad():
             reference = model(**{name: torch.from_numpy(a).to(model.device) for name, a in feed.items()}).logits
         reference = reference.float().cpu().numpy()

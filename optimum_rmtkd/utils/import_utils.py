@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import Optional
 
 
 def _is_available(module: str) -> bool:
@@ -24,9 +25,9 @@ def is_pynvml_available() -> bool:
     return _is_available("pynvml")
 
 
-def require(module: str, feature: str, extra: str) -> None:
-    """Raise an `ImportError` naming the extra that provides `module` when it is not installed."""
+def require(module: str, feature: str, extra: Optional[str] = None) -> None:
+    """Raise an `ImportError` naming what to install when `module` is missing: the extra that provides it, or the
+    package itself for a required dependency that was removed."""
     if not _is_available(module):
-        raise ImportError(
-            f"`{feature}` needs `{module}`: install it with `pip install optimum-rmtkd[{extra}]`."
-        )
+        target = f"optimum-rmtkd[{extra}]" if extra else module
+        raise ImportError(f"`{feature}` needs `{module}`: install it with `pip install {target}`.")
