@@ -2,6 +2,10 @@
 
 transformers 5 dropped head pruning and its `prune_linear_layer` returns float32 for a bf16 layer, so the slicing
 helpers here build every new layer with the old layer's device and dtype and copy under `no_grad`.
+
+Everything here is generic: it knows layer types (Linear, Conv2d, Embedding, LayerNorm, BatchNorm2d), never an
+architecture. The three table helpers at the end (`slice_writer`, `slice_norm`, `refit_and_slice_reader`) are what
+a site's writer, norm and reader tables are walked with (`optimum_rmtkd.adapters.base.Adapter.cut_site`).
 """
 from __future__ import annotations
 
@@ -55,6 +59,27 @@ def refit_reader_weight(
     rhs = (weight.detach().to(torch.float64).cpu() @ cross).T
     solution = torch.linalg.solve(gram, rhs).T
     return solution.to(dtype=weight.dtype, device=weight.device)
+
+
+def refit_conv_weight(
+    weight: torch.Tensor, second_moment: torch.Tensor, keep: torch.Tensor, ridge: float = 1e-4
+) -> torch.Tensor:
+    """`refit_reader_weight` applied to every kernel tap of a conv weight `(out, in, kh, kw)`; returns `(out, k, kh, kw)`.
+
+    Exact least squares for a 1×1 convolution. For k×k, each dropped input channel is replaced by its least-squares
+    prediction from the kept channels at the same position: optimal position by position, not jointly over the taps
+    (that would need the C·k²-wide second moment of image patches).
+    """
+    out_channels, in_channels, kh, kw = weight.shape
+    taps = weight.permute(0, 2, 3, 1).reshape(out_channels * kh * kw, in_channels)
+    refit = refit_reader_weight(taps, second_moment, keep, ridge)
+    return refit.reshape(out_channels, kh, kw, keep.numel()).permute(0, 3, 1, 2).contiguous()
+
+
+def leading_directions(matrix: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` leading eigenvectors of a symmetric matrix as orthonormal rows (count × dim), in float64."""
+    _, vectors = torch.linalg.eigh(matrix.to(torch.float64))
+    return vectors.flip(1)[:, :count].T
 
 
 def _new_linear(in_features: int, out_features: int, like: nn.Linear) -> nn.Linear:
@@ -199,3 +224,38 @@ def blocks(matrix: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
         out.append(matrix[start : start + size, start : start + size])
         start += size
     return out
+
+
+# --- the table helpers: one call per writer, norm or reader of a site ------------------------------------------------
+def slice_writer(module: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A copy of a writer producing only the `keep` channels: a Linear's output rows, a Conv2d's output channels, or an
+    Embedding's vector coordinates."""
+    if isinstance(module, nn.Linear):
+        return slice_linear_outputs(module, keep)
+    if isinstance(module, nn.Conv2d):
+        return slice_conv2d(module, keep_out=keep)
+    if isinstance(module, nn.Embedding):
+        return slice_embedding(module, keep)
+    raise TypeError(f"A writer must be an nn.Linear, nn.Conv2d or nn.Embedding, got {type(module).__name__}.")
+
+
+def slice_norm(module: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A copy of a normalisation over the `keep` channels (LayerNorm: γ, β; BatchNorm2d: also running statistics)."""
+    if isinstance(module, nn.LayerNorm):
+        return slice_layer_norm(module, keep)
+    if isinstance(module, nn.BatchNorm2d):
+        return slice_batch_norm(module, keep)
+    raise TypeError(f"A norm must be an nn.LayerNorm or nn.BatchNorm2d, got {type(module).__name__}.")
+
+
+def refit_and_slice_reader(
+    module: nn.Module, keep: torch.Tensor, second_moment: torch.Tensor, ridge: float = 1e-4
+) -> nn.Module:
+    """A copy of a reader (Linear or Conv2d) reading only the `keep` inputs, its weight refitted by least squares on
+    the second moment Σ of its own input (`refit_reader_weight`, or `refit_conv_weight` tap by tap)."""
+    if isinstance(module, nn.Linear):
+        return slice_linear_inputs(module, keep, refit_reader_weight(module.weight, second_moment, keep, ridge))
+    if isinstance(module, nn.Conv2d):
+        weight = refit_conv_weight(module.weight, second_moment, keep, ridge)
+        return slice_conv2d(module, keep_in=keep, weight=weight)
+    raise TypeError(f"A reader must be an nn.Linear or nn.Conv2d, got {type(module).__name__}.")

@@ -16,7 +16,7 @@ MODELING_FILE = "modeling_rmtkd.py"
 _MODELING_SOURCE = '''"""Remote-code entry point of an optimum-rmtkd per-layer model (needs `pip install optimum-rmtkd`)."""
 from optimum_rmtkd.modeling import per_layer_classes_for
 
-{config_name}, {model_name} = per_layer_classes_for("{base_type}")
+{config_name}, {model_name} = per_layer_classes_for("{base_type}", "{architecture}")
 '''
 
 
@@ -56,24 +56,24 @@ def _rmtkd_block(report: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _write_per_layer_config(folder: Path) -> None:
-    """Turn the saved stock config into the registered `rmtkd_<base>` type with an `auto_map` for remote code."""
-    from .modeling import per_layer_classes_for
-    from .modeling.per_layer import per_layer_auto_class_for
+    """Turn the saved config into the registered `rmtkd_<base>` type of the saved architecture (stock or already
+    registered), with an `auto_map` naming the Auto class of its task, and write the remote-code module beside it."""
+    from .modeling.per_layer import registered_config_dict, registered_type_for
 
     config_path = folder / "config.json"
     data = json.loads(config_path.read_text())
     base_type = data["model_type"].removeprefix("rmtkd_")
-    config_cls, model_cls = per_layer_classes_for(base_type)
-    data["model_type"] = config_cls.model_type
-    data["architectures"] = [model_cls.__name__]
-    data["allow_global_per_layer_attribute_access"] = True
+    architecture = (data.get("architectures") or [None])[0]
+    registered = registered_type_for(base_type, architecture)
+    data = registered_config_dict(data, registered)
     data["auto_map"] = {
-        "AutoConfig": f"{MODELING_FILE[:-3]}.{config_cls.__name__}",
-        per_layer_auto_class_for(base_type).__name__: f"{MODELING_FILE[:-3]}.{model_cls.__name__}",
+        "AutoConfig": f"{MODELING_FILE[:-3]}.{registered.config.__name__}",
+        registered.auto_model.__name__: f"{MODELING_FILE[:-3]}.{registered.model.__name__}",
     }
     atomic_write_json(config_path, data)
     (folder / MODELING_FILE).write_text(
-        _MODELING_SOURCE.format(config_name=config_cls.__name__, model_name=model_cls.__name__, base_type=base_type)
+        _MODELING_SOURCE.format(config_name=registered.config.__name__, model_name=registered.model.__name__,
+                                base_type=base_type, architecture=registered.stock_model.__name__)
     )
 
 

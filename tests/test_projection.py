@@ -3,6 +3,9 @@ import torch
 from torch import nn
 
 from optimum_rmtkd.projection import (
+    leading_directions,
+    refit_and_slice_reader,
+    refit_conv_weight,
     refit_reader_weight,
     rotate_linear_inputs,
     rotate_linear_outputs,
@@ -10,6 +13,8 @@ from optimum_rmtkd.projection import (
     slice_layer_norm,
     slice_linear_inputs,
     slice_linear_outputs,
+    slice_norm,
+    slice_writer,
 )
 
 
@@ -63,3 +68,54 @@ def test_slicing_keeps_dtype_and_shapes(dtype):
     assert (out.weight.dtype, inp.weight.dtype, ln.weight.dtype) == (dtype, dtype, dtype)
     assert tuple(out.weight.shape) == (4, 6) and tuple(inp.weight.shape) == (3, 4) and tuple(ln.weight.shape) == (4,)
     torch.testing.assert_close(out.weight, linear.weight[keep])
+
+
+def test_conv_refit_is_least_squares_for_one_by_one_and_tap_wise_for_three_by_three():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=g, dtype=torch.float64)
+    x[:, 5] = x[:, 0] - 2 * x[:, 3]  # a dropped channel that the kept ones predict exactly
+    sigma = x.T @ x / len(x)
+    keep = torch.tensor([0, 1, 2, 3, 4])
+    weight = torch.randn(3, 6, 3, 3, generator=g, dtype=torch.float64)
+    refit = refit_conv_weight(weight, sigma, keep, ridge=0.0)
+    assert refit.shape == (3, 5, 3, 3)
+    # Each tap's refit folds the dropped channel's exact prediction into the kept ones.
+    expected = weight[:, keep].clone()
+    expected[:, 0] += weight[:, 5]
+    expected[:, 3] -= 2 * weight[:, 5]
+    torch.testing.assert_close(refit, expected)
+
+
+def test_table_helpers_dispatch_on_the_layer_type():
+    keep = torch.tensor([0, 2, 3])
+    assert slice_writer(nn.Linear(4, 5), keep).weight.shape == (3, 4)
+    assert slice_writer(nn.Conv2d(2, 5, 3), keep).weight.shape == (3, 2, 3, 3)
+    assert slice_writer(nn.Embedding(7, 5), keep).weight.shape == (7, 3)
+    assert slice_norm(nn.LayerNorm(5), keep).weight.shape == (3,)
+    assert slice_norm(nn.BatchNorm2d(5), keep).running_mean.shape == (3,)
+    sigma = torch.eye(5, dtype=torch.float64)
+    assert refit_and_slice_reader(nn.Linear(5, 2), keep, sigma).weight.shape == (2, 3)
+    assert refit_and_slice_reader(nn.Conv2d(5, 2, 3), keep, sigma).weight.shape == (2, 3, 3, 3)
+    with pytest.raises(TypeError, match="A writer must be an nn.Linear, nn.Conv2d or nn.Embedding, got ReLU."):
+        slice_writer(nn.ReLU(), keep)
+    with pytest.raises(TypeError, match="A norm must be an nn.LayerNorm or nn.BatchNorm2d, got Linear."):
+        slice_norm(nn.Linear(5, 5), keep)
+    with pytest.raises(TypeError, match="A reader must be an nn.Linear or nn.Conv2d, got Embedding."):
+        refit_and_slice_reader(nn.Embedding(7, 5), keep, sigma)
+
+
+def test_refit_and_slice_reader_is_the_least_squares_refit():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(400, 5, dtype=torch.float64, generator=g)
+    sigma, keep = x.T @ x / len(x), torch.tensor([1, 3, 4])
+    reader = nn.Linear(5, 2).double()
+    refit = refit_and_slice_reader(reader, keep, sigma, ridge=1e-3)
+    torch.testing.assert_close(refit.weight, refit_reader_weight(reader.weight, sigma, keep, ridge=1e-3))
+    torch.testing.assert_close(refit.bias, reader.bias)
+
+
+def test_leading_directions_are_the_top_eigenvectors_as_rows():
+    matrix = torch.diag(torch.tensor([1.0, 5.0, 3.0], dtype=torch.float64))
+    rows = leading_directions(matrix, 2)
+    assert rows.shape == (2, 3)
+    torch.testing.assert_close(rows.abs(), torch.tensor([[0.0, 1, 0], [0, 0, 1]], dtype=torch.float64))

@@ -1,15 +1,25 @@
 """Sites, capture points and the adapter registry: what an architecture exposes to RMT-KD.
 
 Vocabulary (as in Torch-Pruning): a *site* is one hidden dimension; its *writers* are the weights that produce it
-and its *readers* the weights that consume it. Each adapter states these as an explicit table, never a traced graph.
+and its *readers* the weights that consume it. Each adapter states these as an explicit table, never a traced graph,
+and the cut walks the tables (`cut_site`): keep k channels of the site's pooled spectrum, slice every writer and norm
+to them, refit every reader on the second moment of its own input. An adapter adds by hand only what is not a table
+walk (a transformer's attention heads between Q/K/V and the attention output, its task head's own width).
+
+Adapters edit modules and `model.config` only. Turning a model into its registered per-layer type is
+`optimum_rmtkd.modeling`'s job (`as_registered_type`), which imports adapters, never the reverse.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
+import torch
 from torch import nn
+
+from ..covariance import merged
+from ..projection import refit_and_slice_reader, select_channels, set_submodule, slice_norm, slice_writer
 
 if TYPE_CHECKING:
     from ..configuration import RMTKDConfig
@@ -46,6 +56,10 @@ class Site:
         path: `linear` (rotation folds exactly) or `nonlinear` (channel selection + least-squares refit).
         captures: where the samples of its spectrum come from (pooled when several).
         writers / readers / norms: the modules whose weights produce, consume, or normalise the dimension.
+        reader_inputs: for each reader (same order), the capture point whose second moment is that reader's input:
+            its least-squares refit is fitted there (a task head reading the pooled [CLS] vector is refitted on that
+            vector's second moment, not on every token's).
+        extra_captures: further statistics the adapter's own steps need (attention heads, a task head's width).
     """
 
     name: str
@@ -58,7 +72,15 @@ class Site:
     writers: Tuple[str, ...] = ()
     readers: Tuple[str, ...] = ()
     norms: Tuple[str, ...] = ()
+    reader_inputs: Tuple[CapturePoint, ...] = ()
     extra_captures: Tuple[CapturePoint, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.reader_inputs) != len(self.readers):
+            raise ValueError(
+                f"Site {self.name!r} has {len(self.readers)} reader(s) but {len(self.reader_inputs)} `reader_inputs`; "
+                "give one capture point per reader, in the same order."
+            )
 
 
 class Adapter(ABC):
@@ -75,7 +97,7 @@ class Adapter(ABC):
         """Every capture point calibration must fill before `reduce(sites)` (spectra and refit statistics)."""
         seen: Dict[str, CapturePoint] = {}
         for site in sites:
-            for point in site.captures + site.extra_captures:
+            for point in site.captures + site.reader_inputs + site.extra_captures:
                 seen.setdefault(point.key, point)
         return list(seen.values())
 
@@ -146,13 +168,80 @@ class Adapter(ABC):
     ) -> nn.Module:
         """Cut every site in `sites` to `widths[site.name]`, update `model.config`, and return the model.
 
-        The returned model may be a new object (rebuilt from the updated config) when modules cache sizes derived
-        from the config, e.g. an attention module's head size; always use the return value."""
+        In the per-layer format the widths go to `model.config.per_layer_config`; the model keeps its class (the
+        caller turns it into the registered type, `optimum_rmtkd.modeling.per_layer.as_registered_type`). The returned
+        model may be a new object of the same class (`rebuild`) when modules cache sizes derived from the config, e.g.
+        an attention module's head size; always use the return value."""
 
     @abstractmethod
     def resize_per_layer(self, model: nn.Module) -> None:
-        """Give the modules of a freshly built registered per-layer model the shapes its config's
-        `per_layer_config` records (weights are loaded afterwards)."""
+        """Give the modules of a freshly built model the shapes its config's `per_layer_config` records (weights are
+        loaded afterwards). Idempotent: a layer already at its width is left at it."""
+
+    # --- the table walk ----------------------------------------------------------------------------------------
+    @staticmethod
+    def site_channels(
+        site: Site, width: int, stats: Dict[str, "SecondMomentAccumulator"], centered: bool
+    ) -> torch.Tensor:
+        """The `width` channels a site keeps (`keep`): pivoted QR on the leading eigenvectors of its spectrum, pooled
+        over its capture points."""
+        eigen = merged([stats[point.key] for point in site.captures]).eigh(centered=centered)
+        return select_channels(eigen.eigenvectors, width)
+
+    @staticmethod
+    def refit_readers(
+        model: nn.Module, site: Site, keep: torch.Tensor, stats: Dict[str, "SecondMomentAccumulator"], ridge: float
+    ) -> None:
+        """Refit every reader of `site` on the second moment of its own input (`site.reader_inputs`) and slice its
+        inputs to `keep`."""
+        for path, point in zip(site.readers, site.reader_inputs):
+            sigma = stats[point.key].second_moment()
+            set_submodule(model, path, refit_and_slice_reader(model.get_submodule(path), keep, sigma, ridge))
+
+    @staticmethod
+    def slice_writers(model: nn.Module, site: Site, keep: torch.Tensor) -> None:
+        """Slice every writer and every norm of `site` to the `keep` channels."""
+        for path in site.writers:
+            set_submodule(model, path, slice_writer(model.get_submodule(path), keep))
+        for path in site.norms:
+            set_submodule(model, path, slice_norm(model.get_submodule(path), keep))
+
+    def cut_site(
+        self, model: nn.Module, site: Site, width: int, stats: Dict[str, "SecondMomentAccumulator"],
+        config: "RMTKDConfig",
+    ) -> torch.Tensor:
+        """Cut a site that is nothing but its tables to `width` channels (DESIGN §2(b)); returns `keep`."""
+        keep = self.site_channels(site, width, stats, config.centered)
+        self.slice_writers(model, site, keep)
+        self.refit_readers(model, site, keep, stats, config.ridge)
+        return keep
+
+
+def per_layer_widths(config) -> Dict[int, Dict[str, Any]]:
+    """The `per_layer_config` of a config as a plain `{layer: {field: width}}` dict (empty when homogeneous)."""
+    raw: Mapping = config.to_dict().get("per_layer_config") or {}
+    return {int(layer): dict(fields) for layer, fields in raw.items()}
+
+
+def rebuild(model: nn.Module, model_cls: Optional[type] = None, config=None) -> nn.Module:
+    """A fresh `model_cls` (default: the model's own class) built from `config` (default: `model.config`), holding
+    `model`'s weights, on its device, in its dtype and train mode.
+
+    Needed after a cut when modules cache sizes derived from the config (an attention module's head size and score
+    scale), so the in-memory model is exactly what `from_pretrained` builds from the saved folder; with another class
+    it is also how `optimum_rmtkd.modeling` turns a model into its registered per-layer type. A config with a
+    `per_layer_config` has the model's adapter resize its layers before the weights load (a stock class builds every
+    layer at the global width; for a registered class, which resizes when built, this changes nothing).
+    """
+    model_cls = type(model) if model_cls is None else model_cls
+    config = model.config if config is None else config
+    reference = next(model.parameters())
+    rebuilt = model_cls(config).to(device=reference.device, dtype=reference.dtype)
+    if per_layer_widths(config):
+        get_adapter(rebuilt).resize_per_layer(rebuilt)
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.train(model.training)
+    return rebuilt
 
 
 _ADAPTERS: Dict[str, Type[Adapter]] = {}

@@ -13,45 +13,40 @@ reduce, 3×3 and 1×1 expand; the last unit has no ReLU: the residual sum and it
 Every site has a BatchNorm and a ReLU (after the residual sum, or after the stem's max-pool, which works channel by
 channel) between writer and reader, so a rotation cannot be folded: each keeps k channels (pivoted QR on the kept
 eigenvectors, `select_channels`), slices its writers and their BatchNorms (affine parameters and running statistics)
-and refits its readers by least squares. Samples are every spatial position of every image, captured where the
-readers read them (after BatchNorm and ReLU); a stage's residual channels are the same coordinates at every block of
-the stage (identity shortcuts add them channel by channel), so the outputs of all its blocks pool into one spectrum.
+and refits its readers by least squares: every site is nothing but its tables (`Adapter.cut_site`). Samples are every
+spatial position of every image, captured where the readers read them (after BatchNorm and ReLU); a stage's residual
+channels are the same coordinates at every block of the stage (identity shortcuts add them channel by channel), so the
+outputs of all its blocks pool into one spectrum.
 
-The refit is W ← W Σ[:, S] (Σ[S, S] + εI)⁻¹ with Σ the channel second moment at the reader's own input. It is the
-exact least-squares refit for 1×1 convolutions and the classifier. A k×k convolution gets the same formula on every
-kernel tap: each dropped channel is replaced by its least-squares prediction from the kept channels at the same
-position, which is optimal position by position but not jointly over the taps (that needs the C·k²-wide second moment
-of image patches). Every step is exact when nothing is cut.
+The refit is W ← W Σ[:, S] (Σ[S, S] + εI)⁻¹ with Σ the channel second moment at the reader's own input (the site's
+`reader_inputs`). It is the exact least-squares refit for 1×1 convolutions and the classifier. A k×k convolution gets
+the same formula on every kernel tap (`optimum_rmtkd.projection.refit_conv_weight`): each dropped channel is replaced
+by its least-squares prediction from the kept channels at the same position, which is optimal position by position
+but not jointly over the taps (that needs the C·k²-wide second moment of image patches). Every step is exact when
+nothing is cut.
 
 The stock format holds one width per stage: `hidden_sizes[s]` fixes the residual width and also the inner widths
 (equal in a basic block; a quarter in a bottleneck, whose `reduction=4` is not a config field). So the stock format
 cuts a stage's residual and inner sites together (`stock_groups`) to widths that keep that rule
 (`expressible_widths`); per-block inner widths need the registered `rmtkd_resnet` type, which stores them in
-transformers' `per_layer_config` shape keyed by block ordinal. Both formats build blocks with the stock classes,
-which give a block a shortcut projection exactly when its input and output widths differ or it strides, so a cut
-that would make stage 0's width equal to the stem's (where that block has a projection) keeps one more channel.
+transformers' `per_layer_config` shape keyed by block ordinal. That format counts layers with `num_hidden_layers`,
+which `ResNetConfig` lacks: in the per-layer format the adapter sets it to the number of residual blocks
+(`sum(depths)`, which the registered config derives), then records every block's inner widths. Both formats build
+blocks with the stock classes, which give a block a shortcut projection exactly when its input and output widths
+differ or it strides, so a cut that would make stage 0's width equal to the stem's (where that block has a
+projection) keeps one more channel.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-import torch
 from torch import nn
 from transformers.utils import logging
 
 from ..configuration import RMTKDConfig
-from ..covariance import merged
-from ..projection import (
-    refit_reader_weight,
-    select_channels,
-    set_submodule,
-    slice_batch_norm,
-    slice_conv2d,
-    slice_linear_inputs,
-)
-from .base import Adapter, CapturePoint, Site, register_adapter
-from .transformer_encoder import per_layer_widths, rebuild_from_config
+from ..projection import set_submodule
+from .base import Adapter, CapturePoint, Site, per_layer_widths, register_adapter
 
 logger = logging.get_logger(__name__)
 
@@ -97,20 +92,6 @@ def _conv(model: nn.Module, unit: str) -> nn.Conv2d:
 def _input(path: str, module: nn.Module) -> CapturePoint:
     """Where a reader's input is captured: a feature map for a convolution, pooled vectors for the classifier."""
     return CapturePoint(path, side="input", layout="vector" if isinstance(module, nn.Linear) else "image")
-
-
-def refit_conv_weight(
-    weight: torch.Tensor, second_moment: torch.Tensor, keep: torch.Tensor, ridge: float = 1e-4
-) -> torch.Tensor:
-    """`refit_reader_weight` applied to every kernel tap of a conv weight `(out, in, kh, kw)`; returns `(out, k, kh, kw)`.
-
-    Exact least squares for a 1×1 convolution; for k×k, each dropped input channel is replaced by its least-squares
-    prediction from the kept channels at the same position (see the module docstring).
-    """
-    out_channels, in_channels, kh, kw = weight.shape
-    taps = weight.permute(0, 2, 3, 1).reshape(out_channels * kh * kw, in_channels)
-    refit = refit_reader_weight(taps, second_moment, keep, ridge)
-    return refit.reshape(out_channels, kh, kw, keep.numel()).permute(0, 3, 1, 2).contiguous()
 
 
 def _site_stage(site: Site) -> Optional[int]:
@@ -182,7 +163,7 @@ class ResNetAdapter(Adapter):
                     config_field=f"hidden_sizes[{stage}]" + (", embedding_size" if stage == 0 and tied else ""),
                     layer=None, path="nonlinear", captures=tuple(captures), writers=tuple(writers),
                     readers=tuple(readers), norms=tuple(norms),
-                    extra_captures=tuple(_input(path, model.get_submodule(path)) for path in readers),
+                    reader_inputs=tuple(_input(path, model.get_submodule(path)) for path in readers),
                 )
             )
             for block in stage_blocks:
@@ -195,6 +176,7 @@ class ResNetAdapter(Adapter):
                             path="nonlinear", captures=(CapturePoint(reader, side="input", layout="image"),),
                             writers=(f"{block.unit(j)}.convolution",), readers=(reader,),
                             norms=(f"{block.unit(j)}.normalization",),
+                            reader_inputs=(CapturePoint(reader, side="input", layout="image"),),
                         )
                     )
         if not tied:
@@ -206,7 +188,7 @@ class ResNetAdapter(Adapter):
                     config_field="embedding_size", layer=None, path="nonlinear",
                     captures=(CapturePoint(STEM, layout="image"),),
                     writers=(f"{STEM_UNIT}.convolution",), readers=readers, norms=(f"{STEM_UNIT}.normalization",),
-                    extra_captures=tuple(_input(path, model.get_submodule(path)) for path in readers),
+                    reader_inputs=tuple(_input(path, model.get_submodule(path)) for path in readers),
                 )
             )
         return sites
@@ -265,32 +247,16 @@ class ResNetAdapter(Adapter):
         for site in sites:
             if site.kind != "channels":
                 raise ValueError(f"{type(self).__name__} has no site of kind {site.kind!r}; its kind is 'channels'.")
-            self._reduce_site(model, site, widths[site.name], stats, config)
+            self.cut_site(model, site, widths[site.name], stats, config)
         # New BatchNorms start in training mode (batch statistics): give every module the model's mode again.
         model.train(model.training)
         self._record_widths(model, sites, widths)
         self._check_shortcuts(model)
         if config.output_format == "stock":
             self._check_stock(model)
-            return model
-        return self._to_per_layer(model)
-
-    def _reduce_site(self, model, site: Site, width: int, stats, config: RMTKDConfig) -> None:
-        eig = merged([stats[point.key] for point in site.captures]).eigh(centered=config.centered)
-        keep = select_channels(eig.eigenvectors, width)
-        for path in site.writers:
-            set_submodule(model, path, slice_conv2d(model.get_submodule(path), keep_out=keep))
-        for path in site.norms:
-            set_submodule(model, path, slice_batch_norm(model.get_submodule(path), keep))
-        for path in site.readers:
-            reader = model.get_submodule(path)
-            sigma = stats[_input(path, reader).key].second_moment()
-            if isinstance(reader, nn.Linear):
-                weight = refit_reader_weight(reader.weight, sigma, keep, config.ridge)
-                set_submodule(model, path, slice_linear_inputs(reader, keep, weight))
-            else:
-                weight = refit_conv_weight(reader.weight, sigma, keep, config.ridge)
-                set_submodule(model, path, slice_conv2d(reader, keep_in=keep, weight=weight))
+        else:
+            self._record_inner_widths(model)
+        return model
 
     def _record_widths(self, model, sites: Sequence[Site], widths: Dict[str, int]) -> None:
         """Write the new stem and stage widths into the config fields that hold them."""
@@ -333,18 +299,13 @@ class ResNetAdapter(Adapter):
                     "`output_format='per-layer'`."
                 )
 
-    def _to_per_layer(self, model) -> nn.Module:
-        """The registered `rmtkd_resnet` model holding every block's inner widths, with the same weights."""
-        from ..modeling import per_layer_classes_for
-
-        config_cls, _ = per_layer_classes_for(model.config.model_type)
-        data = model.config.to_dict()
-        data["per_layer_config"] = {
-            block.index: {INNER_FIELD: self._inner_widths(model, block)} for block in _blocks(model)
-        }
-        data["allow_global_per_layer_attribute_access"] = True
-        model.config = config_cls.from_dict(data)
-        return rebuild_from_config(model)
+    def _record_inner_widths(self, model) -> None:
+        """Write every block's inner widths into `per_layer_config` (the per-layer format), keyed by block ordinal."""
+        config, blocks = model.config, _blocks(model)
+        if not hasattr(config, "num_hidden_layers"):  # a stock `ResNetConfig` (the registered one derives it)
+            config.num_hidden_layers = len(blocks)
+        config.allow_global_per_layer_attribute_access = True
+        config.per_layer_config = {block.index: {INNER_FIELD: self._inner_widths(model, block)} for block in blocks}
 
     # --- registered per-layer format ----------------------------------------------------------------------------
     def resize_per_layer(self, model: nn.Module) -> None:

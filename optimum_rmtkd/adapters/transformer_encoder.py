@@ -12,12 +12,21 @@ Sites (one table per architecture file gives the module names):
 The residual stream passes through LayerNorms, which are not rotation-equivariant (DESIGN §8): a rotation folded
 through them breaks the model even at full width. In the stock format it is therefore reduced by keeping
 coordinates (pivoted QR on the kept eigenvectors), slicing every LayerNorm with them and refitting each reader by
-least squares on the second moment at its own input. The attention inner width must stay `hidden / heads` per
-head in the stock architecture, so it follows the hidden width in one of two ways (`RMTKDConfig.head_reduction`):
-`shrink` rotates each head onto the leading eigenvectors of its query/key (shared, so scores keep their form) and
-value activations, with the score scale corrected for the new head size; `prune` keeps whole heads, those whose
-share of the attention output has the largest second moment, and drops the others. Every step is exact when
-nothing is cut.
+least squares on the second moment at its own input. The FFN and residual sites are cut by walking their tables
+(`Site.writers`, `readers`, `reader_inputs`, `norms`; see `Adapter.cut_site`); two steps are not table walks and
+are written out here:
+
+- The attention inner width must stay `hidden / heads` per head in the stock architecture, so it follows the hidden
+  width in one of two ways (`RMTKDConfig.head_reduction`): `shrink` rotates each head onto the leading eigenvectors
+  of its query/key (shared, so scores keep their form) and value activations, with the score scale corrected for the
+  new head size; `prune` keeps whole heads, those whose share of the attention output has the largest second moment,
+  and drops the others. This edits Q/K/V outputs and the attention output's inputs, after the readers' refit and
+  before the writers are sliced.
+- The task head's inner width is tied to the hidden width by the stock config, so it loses channels too, chosen on
+  the head's own activations (its first dense is an ordinary reader of the stream, refitted on the pooled [CLS]
+  vector it reads).
+
+Every step is exact when nothing is cut.
 """
 from __future__ import annotations
 
@@ -29,20 +38,18 @@ import torch
 from torch import nn
 
 from ..configuration import RMTKDConfig
-from ..covariance import merged
 from ..projection import (
     blocks,
-    refit_reader_weight,
+    leading_directions,
+    refit_and_slice_reader,
     rotate_linear_inputs,
     rotate_linear_outputs,
     select_channels,
     set_submodule,
-    slice_embedding,
-    slice_layer_norm,
     slice_linear_inputs,
     slice_linear_outputs,
 )
-from .base import Adapter, CapturePoint, Site
+from .base import Adapter, CapturePoint, Site, per_layer_widths, rebuild
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,14 @@ class TransformerEncoderAdapter(Adapter):
         attention = tuple(
             CapturePoint(self._layer(i, name)) for i in range(n_layers) for name in (lay.query, lay.key, lay.value)
         ) + tuple(CapturePoint(self._layer(i, lay.attention_output), side="input") for i in range(n_layers))
+        # Each layer's Q/K/V read the stream after the previous LayerNorm (the embeddings' for layer 0), its FFN input
+        # reads it after the attention LayerNorm; the task head's first dense reads the pooled [CLS] vector.
+        readers, reader_inputs = [], []
+        for i in range(n_layers):
+            readers += [self._layer(i, n) for n in (lay.query, lay.key, lay.value, lay.ffn_input)]
+            reader_inputs += [hidden[2 * i]] * 3 + [hidden[2 * i + 1]]
+        readers.append(lay.head_input)
+        reader_inputs.append(CapturePoint(lay.head_input, side="input", layout="vector"))
         sites = [
             Site(
                 name="hidden",
@@ -106,16 +121,11 @@ class TransformerEncoderAdapter(Adapter):
                 captures=tuple(hidden),
                 writers=lay.embeddings
                 + tuple(self._layer(i, n) for i in range(n_layers) for n in (lay.attention_output, lay.ffn_output)),
-                readers=tuple(
-                    self._layer(i, n) for i in range(n_layers) for n in (lay.query, lay.key, lay.value, lay.ffn_input)
-                )
-                + (lay.head_input,),
+                readers=tuple(readers),
+                reader_inputs=tuple(reader_inputs),
                 norms=(lay.embeddings_norm,)
                 + tuple(self._layer(i, n) for i in range(n_layers) for n in (lay.attention_norm, lay.output_norm)),
-                extra_captures=attention + (
-                    CapturePoint(lay.head_input, side="input", layout="vector"),
-                    CapturePoint(lay.head_output, side="input", layout="vector"),
-                ),
+                extra_captures=attention + (CapturePoint(lay.head_output, side="input", layout="vector"),),
             )
         ]
         for i in range(n_layers):
@@ -131,6 +141,7 @@ class TransformerEncoderAdapter(Adapter):
                     captures=(CapturePoint(self._layer(i, lay.ffn_output), side="input"),),
                     writers=(self._layer(i, lay.ffn_input),),
                     readers=(self._layer(i, lay.ffn_output),),
+                    reader_inputs=(CapturePoint(self._layer(i, lay.ffn_output), side="input"),),
                 )
             )
         return sites
@@ -153,12 +164,12 @@ class TransformerEncoderAdapter(Adapter):
         return round_width(rank, site.dim, config.width_multiple * heads, num_heads=heads)
 
     # --- surgery ---------------------------------------------------------------------------------------------
-    def reduce(self, model, sites, widths, stats, config: RMTKDConfig) -> None:
+    def reduce(self, model, sites, widths, stats, config: RMTKDConfig) -> nn.Module:
         for site in sites:
             if site.kind == "hidden":
                 self._reduce_hidden(model, site, widths[site.name], stats, config)
             elif site.kind == "ffn":
-                self._reduce_ffn(model, site, widths[site.name], stats, config)
+                self.cut_site(model, site, widths[site.name], stats, config)
             else:
                 raise ValueError(f"{type(self).__name__} has no site of kind {site.kind!r}.")
         ffn_sites = [s for s in sites if s.kind == "ffn"]
@@ -167,22 +178,8 @@ class TransformerEncoderAdapter(Adapter):
         if any(s.kind == "hidden" for s in sites):
             # Attention modules cache the head size and score scale of the old width: rebuild from the new config
             # so the in-memory model is exactly what `from_pretrained` will build from the saved folder.
-            model = rebuild_from_config(model)
+            model = rebuild(model)
         return model
-
-    def _refit_and_slice_reader(self, model, path, keep, sigma, ridge) -> None:
-        reader = model.get_submodule(path)
-        weight = refit_reader_weight(reader.weight, sigma, keep, ridge)
-        set_submodule(model, path, slice_linear_inputs(reader, keep, weight))
-
-    def _reduce_ffn(self, model, site: Site, width: int, stats, config: RMTKDConfig) -> None:
-        acc = stats[site.captures[0].key]
-        eig = acc.eigh(centered=config.centered)
-        keep = select_channels(eig.eigenvectors, width)
-        lay = self.layout
-        writer_path, reader_path = self._layer(site.layer, lay.ffn_input), self._layer(site.layer, lay.ffn_output)
-        set_submodule(model, writer_path, slice_linear_outputs(model.get_submodule(writer_path), keep))
-        self._refit_and_slice_reader(model, reader_path, keep, acc.second_moment(), config.ridge)
 
     def _record_ffn_widths(self, model, widths_by_layer: Dict[int, int], output_format: str) -> None:
         field_name = self.layout.intermediate_field
@@ -204,9 +201,7 @@ class TransformerEncoderAdapter(Adapter):
             model.config.per_layer_config = per_layer
 
     def _reduce_hidden(self, model, site: Site, width: int, stats, config: RMTKDConfig) -> None:
-        lay, ridge = self.layout, config.ridge
-        eig = merged([stats[p.key] for p in site.captures]).eigh(centered=config.centered)
-        keep = select_channels(eig.eigenvectors, width)
+        lay = self.layout
         heads = int(getattr(model.config, lay.heads_field))
         old_head_dim = site.dim // heads
         prune = config.head_reduction == "prune"
@@ -216,63 +211,67 @@ class TransformerEncoderAdapter(Adapter):
                 f"multiple of {old_head_dim}, got {width}; `kept_width` rounds to one."
             )
         kept_heads = width // old_head_dim if prune else heads
-        new_head_dim = old_head_dim if prune else width // heads
-
-        for path in lay.embeddings:
-            set_submodule(model, path, slice_embedding(model.get_submodule(path), keep))
-        set_submodule(model, lay.embeddings_norm, slice_layer_norm(model.get_submodule(lay.embeddings_norm), keep))
-
-        stream_in = CapturePoint(lay.embeddings_norm)
+        keep = self.site_channels(site, width, stats, config.centered)
+        # Readers first: each is refitted on its own input before the attention step narrows Q/K/V's outputs.
+        self.refit_readers(model, site, keep, stats, config.ridge)
         for i in range(self._num_layers(model)):
-            sigma_in = stats[stream_in.key].second_moment()
-            q_path, k_path, v_path = (self._layer(i, n) for n in (lay.query, lay.key, lay.value))
-            for path in (q_path, k_path, v_path):
-                self._refit_and_slice_reader(model, path, keep, sigma_in, ridge)
-            out_path = self._layer(i, lay.attention_output)
-            output = model.get_submodule(out_path)
             if prune:
-                context = stats[CapturePoint(out_path, side="input").key].second_moment()
-                inner = _strongest_heads(output.weight[keep.to(output.weight.device)], context, heads, kept_heads)
-                for path in (q_path, k_path, v_path):
-                    set_submodule(model, path, slice_linear_outputs(model.get_submodule(path), inner))
-                output = slice_linear_inputs(output, inner)
+                self._prune_heads(model, i, keep, stats, heads, kept_heads)
             else:
-                qk_rotation, v_rotation = self._head_rotations(
-                    stats, q_path, k_path, v_path, heads, old_head_dim, new_head_dim
-                )
-                query = rotate_linear_outputs(model.get_submodule(q_path), qk_rotation)
-                with torch.no_grad():  # scores are divided by √head_dim: keep q·k/√d unchanged at the new size
-                    scale = math.sqrt(new_head_dim / old_head_dim)
-                    query.weight.mul_(scale)
-                    if query.bias is not None:
-                        query.bias.mul_(scale)
-                set_submodule(model, q_path, query)
-                set_submodule(model, k_path, rotate_linear_outputs(model.get_submodule(k_path), qk_rotation))
-                set_submodule(model, v_path, rotate_linear_outputs(model.get_submodule(v_path), v_rotation))
-                output = rotate_linear_inputs(output, v_rotation)
-            set_submodule(model, out_path, slice_linear_outputs(output, keep))
-            attn_norm = self._layer(i, lay.attention_norm)
-            set_submodule(model, attn_norm, slice_layer_norm(model.get_submodule(attn_norm), keep))
+                self._shrink_heads(model, i, stats, heads, old_head_dim, width // heads)
+        # Writers after the attention step: the attention output's inputs change there, its outputs here.
+        self.slice_writers(model, site, keep)
+        self._reduce_head_width(model, width, stats, config)
+        setattr(model.config, lay.hidden_field, width)
+        setattr(model.config, lay.heads_field, kept_heads)
 
-            sigma_mid = stats[CapturePoint(attn_norm).key].second_moment()
-            self._refit_and_slice_reader(model, self._layer(i, lay.ffn_input), keep, sigma_mid, ridge)
-            ffn_out = self._layer(i, lay.ffn_output)
-            set_submodule(model, ffn_out, slice_linear_outputs(model.get_submodule(ffn_out), keep))
-            out_norm = self._layer(i, lay.output_norm)
-            set_submodule(model, out_norm, slice_layer_norm(model.get_submodule(out_norm), keep))
-            stream_in = CapturePoint(out_norm)
+    def _attention_paths(self, layer: int) -> Tuple[str, str, str, str]:
+        lay = self.layout
+        return tuple(self._layer(layer, n) for n in (lay.query, lay.key, lay.value, lay.attention_output))
 
-        # Task head: its first dense reads only the [CLS] vector of the stream, so it is refitted on the second
-        # moment of that vector, not of every token; its width is tied to the hidden width by the stock config, so
-        # it loses channels too, chosen on the head's own activations.
-        head_in = stats[CapturePoint(lay.head_input, side="input", layout="vector").key]
-        self._refit_and_slice_reader(model, lay.head_input, keep, head_in.second_moment(), ridge)
+    def _prune_heads(self, model, layer: int, keep: torch.Tensor, stats, heads: int, kept_heads: int) -> None:
+        """Keep the `kept_heads` heads of a layer whose share of the attention output (at the kept coordinates) has
+        the largest second moment (`_strongest_heads`): Q/K/V lose the other heads' outputs, the attention output its
+        inputs from them."""
+        q_path, k_path, v_path, out_path = self._attention_paths(layer)
+        output = model.get_submodule(out_path)
+        context = stats[CapturePoint(out_path, side="input").key].second_moment()
+        inner = _strongest_heads(output.weight[keep.to(output.weight.device)], context, heads, kept_heads)
+        for path in (q_path, k_path, v_path):
+            set_submodule(model, path, slice_linear_outputs(model.get_submodule(path), inner))
+        set_submodule(model, out_path, slice_linear_inputs(output, inner))
+
+    def _shrink_heads(self, model, layer: int, stats, heads: int, old_head_dim: int, new_head_dim: int) -> None:
+        """Rotate every head of a layer onto its leading query/key and value directions (`_head_rotations`), folded
+        into Q/K/V's outputs and the attention output's inputs, with the score scale kept."""
+        q_path, k_path, v_path, out_path = self._attention_paths(layer)
+        qk_rotation, v_rotation = self._head_rotations(
+            stats, q_path, k_path, v_path, heads, old_head_dim, new_head_dim
+        )
+        query = rotate_linear_outputs(model.get_submodule(q_path), qk_rotation)
+        with torch.no_grad():  # scores are divided by √head_dim: keep q·k/√d unchanged at the new size
+            scale = math.sqrt(new_head_dim / old_head_dim)
+            query.weight.mul_(scale)
+            if query.bias is not None:
+                query.bias.mul_(scale)
+        set_submodule(model, q_path, query)
+        set_submodule(model, k_path, rotate_linear_outputs(model.get_submodule(k_path), qk_rotation))
+        set_submodule(model, v_path, rotate_linear_outputs(model.get_submodule(v_path), v_rotation))
+        set_submodule(model, out_path, rotate_linear_inputs(model.get_submodule(out_path), v_rotation))
+
+    def _reduce_head_width(self, model, width: int, stats, config: RMTKDConfig) -> None:
+        """The task head's inner width (its first dense's outputs, its output layer's inputs) is tied to the hidden
+        width by the stock config: keep `width` of its channels, chosen on the head's own activations, and refit the
+        output layer on them. (The first dense's inputs were refitted as a reader of the stream.)"""
+        lay = self.layout
         head_acc = stats[CapturePoint(lay.head_output, side="input", layout="vector").key]
         head_keep = select_channels(head_acc.eigh(centered=config.centered).eigenvectors, width)
         set_submodule(model, lay.head_input, slice_linear_outputs(model.get_submodule(lay.head_input), head_keep))
-        self._refit_and_slice_reader(model, lay.head_output, head_keep, head_acc.second_moment(), ridge)
-        setattr(model.config, lay.hidden_field, width)
-        setattr(model.config, lay.heads_field, kept_heads)
+        head_output = model.get_submodule(lay.head_output)
+        set_submodule(
+            model, lay.head_output,
+            refit_and_slice_reader(head_output, head_keep, head_acc.second_moment(), config.ridge),
+        )
 
     @staticmethod
     def _head_rotations(stats, q_path, k_path, v_path, heads, old_head_dim, new_head_dim):
@@ -291,8 +290,8 @@ class TransformerEncoderAdapter(Adapter):
             rows = slice(h * new_head_dim, (h + 1) * new_head_dim)
             cols = slice(h * old_head_dim, (h + 1) * old_head_dim)
             joint = sigma_q[h] / sigma_q[h].trace().clamp_min(1e-12) + sigma_k[h] / sigma_k[h].trace().clamp_min(1e-12)
-            qk[rows, cols] = _leading_directions(joint, new_head_dim)
-            v[rows, cols] = _leading_directions(sigma_v[h], new_head_dim)
+            qk[rows, cols] = leading_directions(joint, new_head_dim)
+            v[rows, cols] = leading_directions(sigma_v[h], new_head_dim)
         return qk, v
 
     # --- registered per-layer format ----------------------------------------------------------------------------
@@ -319,27 +318,3 @@ def _strongest_heads(output_weight: torch.Tensor, context_moment: torch.Tensor, 
     energy = torch.stack([(weight @ moment * weight).sum() for weight, moment in zip(weights, moments)])
     chosen = torch.topk(energy, kept).indices.sort().values
     return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in chosen.tolist()])
-
-
-def rebuild_from_config(model: nn.Module) -> nn.Module:
-    """A fresh model of the same class built from `model.config`, carrying over every weight (same device/dtype)."""
-    from ..modeling import per_layer_classes_for
-
-    model_cls = per_layer_classes_for(model.config.model_type)[1] if per_layer_widths(model.config) else type(model)
-    reference = next(model.parameters())
-    rebuilt = model_cls(model.config).to(device=reference.device, dtype=reference.dtype)
-    rebuilt.load_state_dict(model.state_dict())
-    rebuilt.train(model.training)
-    return rebuilt
-
-
-def per_layer_widths(config) -> Dict[int, Dict[str, int]]:
-    """The `per_layer_config` of a config as a plain `{layer: {field: width}}` dict (empty when homogeneous)."""
-    raw = config.to_dict().get("per_layer_config") or {}
-    return {int(layer): dict(fields) for layer, fields in raw.items()}
-
-
-def _leading_directions(matrix: torch.Tensor, count: int) -> torch.Tensor:
-    """The `count` leading eigenvectors of a symmetric matrix as orthonormal rows (count × dim)."""
-    _, vectors = torch.linalg.eigh(matrix.to(torch.float64))
-    return vectors.flip(1)[:, :count].T

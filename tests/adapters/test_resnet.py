@@ -13,11 +13,10 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Re
 
 import optimum_rmtkd  # noqa: F401  (registers the per-layer model types)
 from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
-from optimum_rmtkd.adapters import get_adapter
-from optimum_rmtkd.adapters.resnet import refit_conv_weight
+from optimum_rmtkd.adapters import CapturePoint, get_adapter
 from optimum_rmtkd.calibration import collect_statistics
+from optimum_rmtkd.modeling.per_layer import as_output_format
 from optimum_rmtkd.saving import save_compressed_model
-from optimum_rmtkd.tasks import ImageClassificationCollator, get_task, preprocess_image_dataset, to_channels_last
 
 from _models import NUM_LABELS, save_tiny_resnet
 
@@ -57,13 +56,15 @@ def _load(path):
 
 
 def _reduce(model, widths_for, output_format="stock"):
-    """Calibrate on random images and cut every site to `widths_for(site)`."""
+    """Calibrate on random images, cut every site to `widths_for(site)` and, as the compressor does, turn the result
+    into the class its output format saves."""
     adapter = get_adapter(model)
     sites = adapter.sites(model)
     stats = collect_statistics(model, [{"pixel_values": _images(4, s)} for s in range(3)],
                                adapter.required_captures(sites))
     widths = {s.name: widths_for(s) for s in sites}
-    return adapter.reduce(model, sites, widths, stats, RMTKDConfig(sites=("channels",), output_format=output_format))
+    config = RMTKDConfig(sites=("channels",), output_format=output_format)
+    return as_output_format(adapter.reduce(model, sites, widths, stats, config), output_format)
 
 
 def _logits(model, pixel_values):
@@ -90,7 +91,8 @@ def test_site_table_basic(tmp_path):
     assert [p.key for p in stage0.captures] == ["resnet.embedder:output", f"{BLOCK0}:output"]
     assert stage1.writers == (f"{BLOCK1}.layer.1.convolution", f"{BLOCK1}.shortcut.convolution")
     assert stage1.readers == ("classifier.1",)
-    assert stage1.extra_captures[0].layout == "vector"
+    assert stage1.reader_inputs == (CapturePoint("classifier.1", side="input", layout="vector"),)
+    assert stage0.reader_inputs[0] == CapturePoint(f"{BLOCK0}.layer.0.convolution", side="input", layout="image")
     assert inner0.writers == (f"{BLOCK0}.layer.0.convolution",) and inner0.readers == (f"{BLOCK0}.layer.1.convolution",)
     assert {p.layout for s in sites for p in s.captures} == {"image"}
     for site in sites:
@@ -130,22 +132,6 @@ def test_stock_groups_are_one_per_config_field(resnet_dir):
 
 
 # --- exactness --------------------------------------------------------------------------------------------------
-def test_conv_refit_is_least_squares_for_one_by_one_and_tap_wise_for_three_by_three():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(500, 6, generator=g, dtype=torch.float64)
-    x[:, 5] = x[:, 0] - 2 * x[:, 3]  # a dropped channel that the kept ones predict exactly
-    sigma = x.T @ x / len(x)
-    keep = torch.tensor([0, 1, 2, 3, 4])
-    weight = torch.randn(3, 6, 3, 3, generator=g, dtype=torch.float64)
-    refit = refit_conv_weight(weight, sigma, keep, ridge=0.0)
-    assert refit.shape == (3, 5, 3, 3)
-    # Each tap's refit folds the dropped channel's exact prediction into the kept ones.
-    expected = weight[:, keep].clone()
-    expected[:, 0] += weight[:, 5]
-    expected[:, 3] -= 2 * weight[:, 5]
-    torch.testing.assert_close(refit, expected)
-
-
 @pytest.mark.parametrize("output_format", ["stock", "per-layer"])
 def test_full_width_reduction_is_exact(resnet_dir, output_format):
     reference = _load(resnet_dir)
@@ -209,6 +195,29 @@ def test_per_layer_widths_reload_as_registered_type(resnet_dir, tmp_path):
         assert reloaded.get_submodule(f"{name}.normalization").num_features == width
     assert reloaded.classifier[1].in_features == 10
     torch.testing.assert_close(_logits(reloaded, _images()), _logits(reduced, _images()))
+
+
+def test_per_layer_cut_edits_the_config_and_leaves_the_class(tmp_path):
+    # The adapter only edits modules and the config; turning the model into `rmtkd_resnet` is modeling's step.
+    model = _load(save_tiny_resnet(tmp_path, "basic"))
+    adapter = get_adapter(model)
+    sites = [s for s in adapter.sites(model) if s.layer == 1]
+    stats = collect_statistics(model, [{"pixel_values": _images(4, 0)}], adapter.required_captures(sites))
+    reduced = adapter.reduce(model, sites, {sites[0].name: 5}, stats,
+                             RMTKDConfig(sites=("channels",), output_format="per-layer"))
+    assert type(reduced) is ResNetForImageClassification and reduced.config.model_type == "resnet"
+    assert reduced.config.to_dict()["per_layer_config"] == {"0": {"inner_sizes": [12]}, "1": {"inner_sizes": [5]}}
+    assert reduced.config.num_hidden_layers == 2  # the heterogeneous format counts layers: the residual blocks
+    registered = as_output_format(reduced, "per-layer")
+    assert type(registered).__name__ == "RMTKDResNetForImageClassification"
+    assert "num_hidden_layers" not in registered.config.to_dict()  # derived from `depths` by the registered config
+    torch.testing.assert_close(_logits(registered, _images()), _logits(reduced, _images()), rtol=0, atol=0)
+    # Saved without the conversion, the folder is the same registered type.
+    save_compressed_model(reduced, None, tmp_path / "out", "per-layer")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["model_type"] == "rmtkd_resnet" and "num_hidden_layers" not in saved
+    reloaded = _load(tmp_path / "out")
+    torch.testing.assert_close(_logits(reloaded, _images()), _logits(reduced, _images()), rtol=0, atol=0)
 
 
 def test_remote_code_loading_of_per_layer_model(tmp_path):
@@ -276,6 +285,8 @@ def test_stage0_keeps_its_shortcut_projection(tmp_path):
 
 # --- image task ---------------------------------------------------------------------------------------------------
 def test_images_become_channels_last_with_the_processor_channels():
+    from optimum_rmtkd.tasks.image_classification import to_channels_last
+
     grey = np.arange(20, dtype=np.uint8).reshape(4, 5)
     assert to_channels_last(grey, 3, "image").shape == (4, 5, 3)
     assert to_channels_last(grey.tolist(), 1, "image").shape == (4, 5, 1)
@@ -288,6 +299,9 @@ def test_images_become_channels_last_with_the_processor_channels():
 
 
 def test_image_dataset_preprocessing_and_collator(tmp_path):
+    # Task code, imported here so that the adapter tests above do not depend on the tasks package's layout.
+    from optimum_rmtkd.tasks import ImageClassificationCollator, get_task, preprocess_image_dataset
+
     processor = AutoImageProcessor.from_pretrained(save_tiny_resnet(tmp_path, "basic"))
     dataset = datasets.Dataset.from_dict({"img": [np.full((28, 28), i, np.uint8).tolist() for i in range(5)],
                                           "y": ["b", "a", "b", "c", "a"]})

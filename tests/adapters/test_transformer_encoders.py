@@ -1,4 +1,8 @@
 """BERT, RoBERTa and DistilBERT adapters: site tables, exactness at full width, and reloadable narrower models."""
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -7,6 +11,7 @@ import optimum_rmtkd  # noqa: F401  (registers the per-layer model types)
 from optimum_rmtkd.adapters import get_adapter
 from optimum_rmtkd.calibration import collect_statistics
 from optimum_rmtkd.configuration import RMTKDConfig
+from optimum_rmtkd.modeling.per_layer import as_registered_type
 from optimum_rmtkd.saving import save_compressed_model
 
 @pytest.fixture(scope="module")
@@ -63,6 +68,15 @@ def test_site_table(encoder_dir):
     assert len(hidden.captures) == 5 and len(hidden.norms) == 5
     for path in hidden.writers + hidden.readers + hidden.norms:
         model.get_submodule(path)  # every table entry names a real module
+    # Each reader is refitted where it reads: Q/K/V of layer i after the LayerNorm before them, the FFN input after
+    # the attention LayerNorm, the task head's first dense on the pooled [CLS] vector.
+    inputs = dict(zip(hidden.readers, hidden.reader_inputs))
+    query, ffn_input = ATTENTION[model.config.model_type][0], FFN_INPUT[model.config.model_type]
+    assert inputs[f"{_layer_path(model, 1)}.{query}"] == hidden.captures[2]
+    assert inputs[f"{_layer_path(model, 0)}.{ffn_input}"] == hidden.captures[1]
+    assert hidden.reader_inputs[-1].layout == "vector" and hidden.reader_inputs[-1].side == "input"
+    ffn = sites[1]
+    assert ffn.reader_inputs == ffn.captures and len(ffn.writers) == len(ffn.readers) == 1
 
 
 def test_attention_is_sharp_enough_to_matter(sharp_dir):
@@ -93,6 +107,14 @@ def test_narrower_model_has_exact_widths_and_reloads_stock(sharp_dir, tmp_path, 
         assert tuple(reloaded.state_dict()[name].shape) == tuple(tensor.shape), name
     batch = _batches()[0]
     torch.testing.assert_close(_logits(reloaded, batch), _logits(model.eval(), batch), rtol=0, atol=0)
+
+
+FFN_INPUT = {"bert": "intermediate.dense", "roberta": "intermediate.dense", "distilbert": "ffn.lin1"}
+
+
+def _layer_path(model, index):
+    return {"bert": "bert.encoder.layer", "roberta": "roberta.encoder.layer",
+            "distilbert": "distilbert.transformer.layer"}[model.config.model_type] + f".{index}"
 
 
 ATTENTION = {"bert": ("attention.self.query", "attention.output.dense", "num_attention_heads"),
@@ -158,11 +180,20 @@ def test_per_layer_widths_reload_as_registered_type(encoder_dir, tmp_path):
     adapter = get_adapter(model)
     ffn_sites = [s for s in adapter.sites(model) if s.kind == "ffn"]
     stats = collect_statistics(model, _batches(), adapter.required_captures(ffn_sites))
+    stock_type = type(model)
     model = adapter.reduce(model, ffn_sites, {ffn_sites[0].name: 8, ffn_sites[1].name: 24}, stats,
                            RMTKDConfig(output_format="per-layer"))
+    # The adapter only edits modules and the config; the registered type is modeling's step (the compressor's too).
+    assert type(model) is stock_type and model.config.to_dict()["per_layer_config"]
+    cut = model
+    model = as_registered_type(model)
+    assert type(model).__name__ == f"RMTKD{stock_type.__name__}" and as_registered_type(model) is model
+    batch = _batches()[1]
+    torch.testing.assert_close(_logits(model, batch), _logits(cut, batch), rtol=0, atol=0)
     save_compressed_model(model, None, tmp_path / "out", "per-layer")
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
-    assert reloaded.config.model_type == f"rmtkd_{model.config.model_type}"
+    assert reloaded.config.model_type == model.config.model_type == f"rmtkd_{stock_type.config_class.model_type}"
+    assert type(reloaded) is type(model)
     assert (tmp_path / "out" / "modeling_rmtkd.py").is_file() and "auto_map" in reloaded.config.to_dict()
     widths = [s.dim for s in get_adapter(reloaded).sites(reloaded) if s.kind == "ffn"]
     assert widths == [8, 24]
@@ -177,9 +208,43 @@ def test_remote_code_loading_of_per_layer_model(bert_dir, tmp_path):
     stats = collect_statistics(model, _batches(), adapter.required_captures(ffn_sites))
     model = adapter.reduce(model, ffn_sites, {ffn_sites[0].name: 16, ffn_sites[1].name: 8}, stats,
                            RMTKDConfig(output_format="per-layer"))
-    save_compressed_model(model, None, tmp_path / "out", "per-layer")
+    save_compressed_model(model, None, tmp_path / "out", "per-layer")  # a stock class: saving writes the type
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["auto_map"] == {
+        "AutoConfig": "modeling_rmtkd.RMTKDBertConfig",
+        "AutoModelForSequenceClassification": "modeling_rmtkd.RMTKDBertForSequenceClassification",
+    }
+    assert 'per_layer_classes_for("bert", "BertForSequenceClassification")' in (
+        tmp_path / "out" / "modeling_rmtkd.py").read_text()
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert reloaded.bert.encoder.layer[1].intermediate.dense.out_features == 8
+
+
+def test_hidden_cut_after_per_layer_ffn_widths_keeps_them(bert_dir):
+    # The compressor's per-layer order: FFN sites one by one (each turned into the registered type), then the hidden
+    # width, whose rebuild (attention caches head sizes) must keep the per-layer FFN widths.
+    model = AutoModelForSequenceClassification.from_pretrained(bert_dir).eval()
+    adapter = get_adapter(model)
+    ffn_sites = [s for s in adapter.sites(model) if s.kind == "ffn"]
+    config = RMTKDConfig(output_format="per-layer")
+    stats = collect_statistics(model, _batches(), adapter.required_captures(ffn_sites))
+    model = as_registered_type(adapter.reduce(model, ffn_sites, {ffn_sites[0].name: 8, ffn_sites[1].name: 24}, stats,
+                                              config))
+    hidden = adapter.sites(model)[0]
+    stats = collect_statistics(model, _batches(), adapter.required_captures([hidden]))
+    reduced = adapter.reduce(model, [hidden], {"hidden": 16}, stats, config)
+    assert type(reduced) is type(model) and reduced is not model
+    layers = reduced.bert.encoder.layer
+    assert [layer.intermediate.dense.out_features for layer in layers] == [8, 24]
+    assert [layer.intermediate.dense.in_features for layer in layers] == [16, 16]
+
+
+def test_adapters_do_not_import_modeling():
+    # One-way dependency: `optimum_rmtkd.modeling` imports the adapters (to resize its layers), never the reverse.
+    code = ("import sys, optimum_rmtkd.adapters, optimum_rmtkd.projection; "
+            "print(sorted(m for m in sys.modules if m.startswith('optimum_rmtkd.modeling')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_stock_format_rejects_unequal_layer_widths(bert_dir):
