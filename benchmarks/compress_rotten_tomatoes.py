@@ -78,7 +78,8 @@ def main(argv=None) -> None:
     original_dir = out / "original"
     if not (original_dir / "model.safetensors").is_file():  # weights are not committed: fine-tune on a fresh clone
         start = time.perf_counter()
-        model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+        # The new head is drawn under the run's seed (PyTorch seeds its generator at random in each process).
+        model, _ = TASK.load_model(minilm_path(), config.seed, num_labels=2)
         model = train(model, data["train"], accelerator, config, TASK, epochs=args.finetune_epochs,
                       description="Fine-tuning")
         model.save_pretrained(original_dir)

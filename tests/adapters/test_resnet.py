@@ -300,23 +300,28 @@ def test_images_become_channels_last_with_the_processor_channels():
 
 def test_image_dataset_preprocessing_and_collator(tmp_path):
     # Task code, imported here so that the adapter tests above do not depend on the tasks package's layout.
-    from optimum_rmtkd.tasks import ImageClassificationCollator, get_task, preprocess_image_dataset
+    from transformers import ResNetConfig
 
+    from optimum_rmtkd.tasks import get_task
+    from optimum_rmtkd.tasks.base import Columns
+
+    task = get_task("image-classification")
     processor = AutoImageProcessor.from_pretrained(save_tiny_resnet(tmp_path, "basic"))
     dataset = datasets.Dataset.from_dict({"img": [np.full((28, 28), i, np.uint8).tolist() for i in range(5)],
                                           "y": ["b", "a", "b", "c", "a"]})
-    processed = preprocess_image_dataset(dataset, processor, image_column="img", label_column="y",
-                                         label_to_id={"a": 0, "b": 1, "c": 2})
+    prepared = task.prepare({"train_dataset": dataset}, processor, ResNetConfig(num_labels=3),
+                            Columns(image="img", label="y"), max_length=0)
+    processed = prepared.splits["train_dataset"]
     assert processed.column_names == ["pixel_values", "labels"]
-    assert processed["labels"] == [1, 0, 1, 2, 0]
-    batch = ImageClassificationCollator(processor)(list(processed.with_format("torch")))
+    assert processed["labels"] == [1, 0, 1, 2, 0]  # class names numbered in sorted order, saved in the config
+    assert prepared.config_updates["id2label"] == {0: "a", 1: "b", 2: "c"}
+    batch = task.collator(processor)(list(processed.with_format("torch")))
     assert batch["pixel_values"].shape == (5, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
     # A grey image is replicated to every channel.
     torch.testing.assert_close(batch["pixel_values"][:, 0], batch["pixel_values"][:, 2])
     assert batch["labels"].tolist() == [1, 0, 1, 2, 0]
     with pytest.raises(ValueError, match="`calibration` has no column 'image'"):
-        preprocess_image_dataset(dataset, processor, image_column="image", label_column=None, name="calibration")
-    assert get_task("image-classification").input_column == "image"
+        task.inputs(dataset, processor, Columns(), max_length=0, name="calibration")
 
 
 # --- the whole pipeline on real images ---------------------------------------------------------------------------
