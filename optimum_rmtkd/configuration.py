@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -23,11 +25,54 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 METRIC_DROP_ACTIONS = ("stop", "skip")
 HEAD_REDUCTIONS = ("shrink", "prune")
 CONFIG_NAME = "rmtkd_config.json"
+# Named sets of fields, applied under explicit values (`RMTKDConfig.preset`, `--preset`): `paper` is the recipe of
+# the RMT-KD paper, which the defaults depart from (see `RMTKDConfig`).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "paper": {"estimator": "paper", "sites": ("hidden", "ffn"), "on_metric_drop": "stop"},
+}
+# numpy seeds (`transformers.set_seed`) are unsigned 32-bit integers.
+MAX_SEED = 2**32 - 1
 
 
 def _check_choice(name: str, value: Any, allowed: Tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
+
+
+def _type_text(value: Any, expected: str = "number") -> str:
+    """`str '32'`: the type and value given, for a message; a quoted number (or `"true"` for a bool, `expected="bool"`),
+    as a JSON file may hold it, gets the fix."""
+    text = f"{type(value).__name__} {value!r}"
+    if isinstance(value, str):
+        quoted = value.strip().lower() in ("true", "false") if expected == "bool" else _is_number_text(value)
+        if quoted:
+            text += "; write it without quotes"
+    return text
+
+
+def _is_number_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_number(name: str, value: Any, kind: str, optional: bool) -> Any:
+    """`value` as a Python `float` (`kind="float"`, ints accepted) or `int`, refusing bools, other types and non-finite
+    numbers: NaN compares false with every bound, so it would pass the range checks and switch a rule off silently."""
+    if optional and value is None:
+        return None
+    or_none = " or None" if optional else ""
+    expected = numbers.Integral if kind == "int" else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, expected):
+        article = "an integer" if kind == "int" else "a number"
+        raise TypeError(f"`{name}` must be {article}{or_none}, got {_type_text(value)}.")
+    if kind == "int":
+        return int(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number{or_none}, got {value}.")
+    return float(value)
 
 
 def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = True, high_open: bool = True) -> None:
@@ -42,9 +87,17 @@ def _check_range(name: str, value: float, low: float, high: float, *, low_open: 
 class RMTKDConfig:
     """Configuration of an RMT-KD compression run (spectral rule, calibration, surgery, distillation, stop rules).
 
+    The defaults are the recipe of this repository's BERT-family benchmarks and demo (README, Results): the
+    `mp-median` estimator, the FFN sites before the hidden width (`sites=("ffn", "hidden")`), and
+    `on_metric_drop="skip"`, which undoes a stage that costs more than `max_metric_drop` and goes on with the next.
+    The paper's recipe (`paper` estimator, hidden width first, stop at the first such stage) cut the hidden width
+    first on a new task, lost accuracy, undid that stage and stopped with 0% fewer parameters. It stays one call
+    away: `RMTKDConfig.preset("paper")` (`--preset paper` on the command line); values given explicitly win over it.
+
     Args:
-        estimator (`str`, *optional*, defaults to `"paper"`): how σ² and the kept rank are estimated, one of
-            `paper`, `mp-median`, `gavish-donoho`, `kritchman-nadler`, `mppca` (see `optimum_rmtkd.rmt`).
+        estimator (`str`, *optional*, defaults to `"mp-median"`): how σ² and the kept rank are estimated, one of
+            `paper` (the paper's), `mp-median`, `gavish-donoho`, `kritchman-nadler`, `mppca` (see
+            `optimum_rmtkd.rmt`).
         quantile (`float`, *optional*, defaults to 0.5): τ, the eigenvalue quantile that starts the `paper` fit;
             higher compresses harder.
         tw_alpha (`float`, *optional*, defaults to 0.005): level of the Tracy–Widom test of `kritchman-nadler`.
@@ -58,8 +111,8 @@ class RMTKDConfig:
         calibration_fraction (`float`, *optional*, defaults to 0.1): share of the training split used to
             calibrate when no calibration set is given (the paper's 10%).
         max_calibration_examples (`int`, *optional*, defaults to 2048): cap on calibration examples.
-        sites (`tuple[str]`, *optional*, defaults to `("hidden", "ffn")`): kinds of site to reduce, in the order
-            the stages run. `channels` is the CNN site kind.
+        sites (`tuple[str]`, *optional*, defaults to `("ffn", "hidden")`): kinds of site to reduce, in the order
+            the stages run (the paper cuts `hidden` first). `channels` is the CNN site kind.
         width_multiple (`int`, *optional*, defaults to 8): kept widths are rounded up to this multiple
             (matrix-unit friendly), never above the original width.
         min_width (`int`, *optional*, defaults to 8): no site is reduced below this width.
@@ -86,20 +139,36 @@ class RMTKDConfig:
         mixed_precision (`str`, defaults to `"no"`): passed to `accelerate.Accelerator`.
         finetune_epochs (`float`, *optional*, defaults to 0.0): train before the first reduction (the paper's
             "train until validation accuracy exceeds a threshold"); always done when the task head is new.
-        trigger_metric (`float`, *optional*): validation metric that stops the pre-training early.
+        trigger_metric (`float`, *optional*): validation metric that stops the pre-training early once reached (in
+            the task's direction: at least this for accuracy, at most this for an error).
         target_reduction (`float`, *optional*): stop once the parameter reduction reaches this share (0–1).
-        max_metric_drop (`float`, *optional*, defaults to 0.015): stop, and keep the previous stage, when the
-            validation metric falls more than this below the uncompressed model.
-        on_metric_drop (`str`, *optional*, defaults to `"stop"`): what a stage that breaks `max_metric_drop`
-            does after it is undone: `stop` the run (the paper's rule) or `skip` it and go on with the next stage
-            (useful when one site, e.g. a CNN's first stage, is fragile and later ones are not).
+        max_metric_drop (`float`, *optional*, defaults to 0.015): a stage whose validation metric is worse than the
+            uncompressed model's by more than this, in the metric's units as the task measures a loss
+            (`Task.metric_drop`: points of accuracy below; for an error, the rise), is undone; `on_metric_drop` says
+            what follows. `None` switches the rule off.
+        on_metric_drop (`str`, *optional*, defaults to `"skip"`): what a stage that breaks `max_metric_drop`
+            does after it is undone: `skip` it and go on with the next stage (one fragile site, e.g. a CNN's first
+            stage or a narrow hidden width, does not end the run) or `stop` the run (the paper's rule).
         max_kept_ratio (`float`, *optional*, defaults to 0.9): a site whose kept width would be at least this
             share of its width is left alone (nothing to gain).
         max_stages (`int`, *optional*): stop after this many reductions.
-        seed (`int`, *optional*, defaults to 42).
+        seed (`int`, *optional*, defaults to 42): an integer in [0, 2**32 - 1].
+
+    Every number must be finite and of its field's type (an `int` field refuses 2.0, and `bool` is not a number).
+
+    Example:
+
+    ```python
+    >>> from optimum_rmtkd import RMTKDConfig
+    >>> RMTKDConfig().estimator, RMTKDConfig().sites
+    ('mp-median', ('ffn', 'hidden'))
+    >>> paper = RMTKDConfig.preset("paper", quantile=0.7)
+    >>> paper.estimator, paper.sites, paper.on_metric_drop, paper.quantile
+    ('paper', ('hidden', 'ffn'), 'stop', 0.7)
+    ```
     """
 
-    estimator: str = "paper"
+    estimator: str = "mp-median"
     quantile: float = 0.5
     tw_alpha: float = 0.005
     histogram_bins: Optional[int] = None
@@ -108,7 +177,7 @@ class RMTKDConfig:
     sample_unit: str = "tokens"
     calibration_fraction: float = 0.1
     max_calibration_examples: int = 2048
-    sites: Tuple[str, ...] = ("hidden", "ffn")
+    sites: Tuple[str, ...] = ("ffn", "hidden")
     width_multiple: int = 8
     min_width: int = 8
     head_reduction: str = "prune"
@@ -129,13 +198,30 @@ class RMTKDConfig:
     trigger_metric: Optional[float] = None
     target_reduction: Optional[float] = None
     max_metric_drop: Optional[float] = 0.015
-    on_metric_drop: str = "stop"
+    on_metric_drop: str = "skip"
     max_kept_ratio: float = 0.9
     max_stages: Optional[int] = None
     seed: int = 42
 
     def __post_init__(self) -> None:
-        self.sites = tuple(self.sites) if not isinstance(self.sites, str) else (self.sites,)
+        # Types first, from the annotations (`float`, `Optional[int]`, ...), so that no check below compares a
+        # string, a bool or NaN; numbers are stored as plain Python `int`/`float` (numpy scalars included).
+        for field in dataclasses.fields(self):
+            kind = _NUMBER_FIELDS.get(field.name)
+            if kind is not None:
+                value = _check_number(field.name, getattr(self, field.name), *kind)
+                setattr(self, field.name, value)
+        if not isinstance(self.centered, bool):
+            raise TypeError(f"`centered` must be a bool (true or false), got {_type_text(self.centered, 'bool')}.")
+        if isinstance(self.sites, str):
+            self.sites = (self.sites,)
+        elif isinstance(self.sites, (list, tuple)):
+            self.sites = tuple(self.sites)
+        else:
+            raise TypeError(
+                f"`sites` must be a list or tuple of site kinds from {', '.join(map(repr, SITE_KINDS))}, got "
+                f"{_type_text(self.sites)}."
+            )
         _check_choice("estimator", self.estimator, ESTIMATORS)
         _check_choice("sample_unit", self.sample_unit, SAMPLE_UNITS)
         _check_choice("output_format", self.output_format, OUTPUT_FORMATS)
@@ -163,16 +249,36 @@ class RMTKDConfig:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         for name in ("width_multiple", "min_width", "batch_size", "gradient_accumulation_steps", "max_length",
                      "max_calibration_examples"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
         for name in ("max_distillation_steps", "max_stages", "histogram_bins"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and value < 1:
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
         if self.histogram_bins is not None and self.histogram_bins < 2:
             raise ValueError(f"`histogram_bins` must be at least 2, got {self.histogram_bins}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"`seed` must be an integer in [0, 2**32 - 1], got {self.seed}.")
         _check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0, low_open=False)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "RMTKDConfig":
+        """The config of a named recipe (`PRESETS`), with `overrides` on top.
+
+        Args:
+            name (`str`): `"paper"`: the RMT-KD paper's recipe, `estimator="paper"`, `sites=("hidden", "ffn")`,
+                `on_metric_drop="stop"`; every other field keeps its default.
+            overrides: any `RMTKDConfig` field; they win over the preset.
+
+        Example:
+
+        ```python
+        >>> RMTKDConfig.preset("paper", target_reduction=0.3).estimator
+        'paper'
+        ```
+        """
+        _check_choice("preset", name, tuple(PRESETS))
+        return cls.from_dict({**PRESETS[name], **overrides})
 
     def to_dict(self) -> Dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -181,6 +287,10 @@ class RMTKDConfig:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "RMTKDConfig":
+        if not isinstance(data, dict):
+            raise TypeError(
+                f"An RMTKDConfig must be built from a dict (a JSON object) of its fields, got {type(data).__name__}."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -212,3 +322,13 @@ class RMTKDConfig:
             "bins": self.histogram_bins,
             "scale": self.sigma2_scale,
         }
+
+
+# The numeric fields and how `__post_init__` checks them, read from the annotations (strings, under
+# `from __future__ import annotations`): field -> (kind, whether None is allowed).
+_NUMBER_TYPES = {"float": ("float", False), "Optional[float]": ("float", True),
+                 "int": ("int", False), "Optional[int]": ("int", True)}
+_NUMBER_FIELDS: Dict[str, Tuple[str, bool]] = {
+    field.name: _NUMBER_TYPES[str(field.type)] for field in dataclasses.fields(RMTKDConfig)
+    if str(field.type) in _NUMBER_TYPES
+}

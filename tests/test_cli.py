@@ -6,6 +6,7 @@ a command cannot leak into other tests.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -21,7 +22,7 @@ from optimum.commands.base import RootOptimumCLICommand
 
 from hub_server import TEST_TOKEN, TEST_USER, LocalHub
 from optimum_rmtkd import RMTKDConfig
-from optimum_rmtkd.commands.base import CONFIG_FLAGS, config_from_args
+from optimum_rmtkd.commands.base import ANALYSIS_FIELDS, CONFIG_FLAGS, ConfigFlag, config_from_args
 from optimum_rmtkd.commands.rmtkd_cli import RMTKDCommand, main
 from optimum_rmtkd.rmt import ESTIMATORS
 
@@ -147,10 +148,57 @@ def test_help_lists_every_flag_with_its_default(verb, capsys):
             assert "(default:" in " ".join(action.help.split()), action.option_strings
 
 
-def test_cli_defaults_match_the_library():
+def test_cli_defaults_are_read_from_the_library():
+    # No copies: a flag has no default of its own, it reads RMTKDConfig's, which `--help` shows.
+    assert "default" not in {field.name for field in dataclasses.fields(ConfigFlag)}
     defaults = RMTKDConfig()
+    helps = {action.dest: " ".join(action.help.split()) for action in _parsers()["compress"]._actions}
     for flag in CONFIG_FLAGS:
         assert flag.default == getattr(defaults, flag.field), flag.field
+        assert helps[flag.field].endswith(f"(default: {flag.default_text()})."), flag.field
+
+
+def test_compress_help_opens_with_the_defaults_and_the_paper_preset(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "usage: rmtkd compress MODEL --dataset DATA -o OUTPUT [options]"
+    head = " ".join(" ".join(lines[:16]).split())
+    defaults = RMTKDConfig()
+    assert (f"Defaults: --estimator {defaults.estimator}, --sites {' '.join(defaults.sites)}, --on-metric-drop "
+            f"{defaults.on_metric_drop}: FFN sites before the hidden width") in head
+    assert "The paper's recipe, --preset paper (estimator paper, hidden width first" in head
+
+
+def test_preset_then_config_file_then_flags(tmp_path):
+    parser = _parsers()["compress"]
+    base = ["model", "-o", "out", "--dataset", "d.csv"]
+    assert config_from_args(parser.parse_args(base)) == RMTKDConfig()
+    assert config_from_args(parser.parse_args(base + ["--preset", "paper"])) == RMTKDConfig.preset("paper")
+    # Explicit flags win over the preset.
+    args = parser.parse_args(base + ["--preset", "paper", "--sites", "ffn", "--on-metric-drop", "skip"])
+    assert config_from_args(args) == RMTKDConfig.preset("paper", sites=("ffn",), on_metric_drop="skip")
+    # So does a --config file, and a flag over both.
+    (tmp_path / "rmtkd_config.json").write_text(json.dumps({"estimator": "gavish-donoho", "quantile": 0.7}))
+    args = parser.parse_args(base + ["--preset", "paper", "--config", str(tmp_path), "--quantile", "0.6"])
+    assert config_from_args(args) == RMTKDConfig.preset("paper", estimator="gavish-donoho", quantile=0.6)
+    analyze = _parsers()["analyze"].parse_args(["model", "--dataset", "d.csv", "--preset", "paper"])
+    assert config_from_args(analyze, ANALYSIS_FIELDS).estimator == "paper"
+
+
+def test_a_wrong_type_in_the_config_file_names_the_file_and_a_flag_can_replace_it(tmp_path):
+    config_file = tmp_path / "rmtkd_config.json"
+    config_file.write_text(json.dumps({"batch_size": "32", "quantile": 0.7}))
+    parser = _parsers()["compress"]
+    base = ["model", "-o", "out", "--dataset", "d.csv", "--config", str(config_file)]
+    with pytest.raises(TypeError, match=re.escape(
+            f"`--config` '{config_file}': `batch_size` must be an integer, got str '32'; write it without quotes.")):
+        config_from_args(parser.parse_args(base))
+    assert config_from_args(parser.parse_args(base + ["--batch-size", "16"])) == RMTKDConfig(batch_size=16,
+                                                                                            quantile=0.7)
+    # A bad flag over a good file is the flag's error, without the file's name.
+    with pytest.raises(ValueError, match=r"^`quantile` must be in \(0.0, 1.0\), got 1.5.$"):
+        config_from_args(parser.parse_args(base + ["--batch-size", "16", "--quantile", "1.5"]))
 
 
 def test_benchmark_and_export_help_show_the_library_defaults():
@@ -245,7 +293,8 @@ def test_analyze_prints_the_table_writes_analysis_json_and_leaves_the_model_alon
     data = json.loads((out / "analysis.json").read_text())
     assert data["calibration_examples"] == 80 and data["estimator"] == "gavish-donoho"
     names = [site["name"] for site in data["sites"]]
-    assert names == ["hidden", "bert.encoder.layer.0.ffn", "bert.encoder.layer.1.ffn"]
+    # In stage order: the default sites cut the FFN first.
+    assert names == ["bert.encoder.layer.0.ffn", "bert.encoder.layer.1.ffn", "hidden"]
     for site in data["sites"]:
         assert re.search(rf"^{re.escape(site['name'])}\s+{site['original_width']}\s+{site['n_samples']}\s",
                          proc.stdout, re.M)

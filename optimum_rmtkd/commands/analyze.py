@@ -6,6 +6,8 @@ import logging
 
 from optimum.commands.base import CommandInfo
 
+from ..utils.io import check_output_folder
+
 from .base import (
     ANALYSIS_FIELDS,
     RMTKDBaseCommand,
@@ -14,7 +16,6 @@ from .base import (
     add_dataset_column_arguments,
     add_model_argument,
     check_dataset_source,
-    check_output_folder,
     config_from_args,
     describe,
     model_from_args,
@@ -25,6 +26,7 @@ from .base import (
 EXAMPLES = """examples:
   rmtkd analyze ./minilm-sst2 --dataset train.csv
   rmtkd analyze -m ./minilm-sst2 --dataset train.csv --sample-unit cls --output minilm-spectra
+  rmtkd analyze ./minilm-sst2 --dataset train.csv --preset paper      # the paper's estimator and site order
 """
 
 
@@ -38,15 +40,18 @@ class AnalyzeCommand(RMTKDBaseCommand):
             "Run the calibration pass of `compress` (same subset, same statistics) and fit all five estimators to "
             "each site's spectrum. Prints one row per site: width d, samples n, q = d/n, the configured estimator's "
             "σ² and bulk edge λ₊, the width each estimator would keep, the KS distance of the bulk to the fitted "
-            "Marchenko-Pastur law, and whether the bulk is heavy-tailed. The model is not modified.",
+            "Marchenko-Pastur law, and whether the bulk is heavy-tailed. The model is not modified, and --output "
+            "may be neither its folder, a parent of it nor a folder inside it.",
             EXAMPLES,
+            usage="%(prog)s MODEL --dataset DATA [-o OUTPUT] [options]",
         )
         add_model_argument(parser)
         parser.add_argument("--dataset", required=True,
                             help="Data to calibrate on (a local csv/tsv/json/jsonl/parquet file, a folder or a Hub "
                                  "id); its --calibration-fraction is used, as in compress.")
         parser.add_argument("-o", "--output", default=None,
-                            help="Folder for analysis.json and spectra/*.png (default: print the table only).")
+                            help="Folder for analysis.json and spectra/*.png; neither the model's folder, a parent "
+                                 "of it nor a folder inside it (default: print the table only).")
         parser.add_argument("--overwrite", action="store_true",
                             help="Replace a non-empty --output folder (default: off).")
         parser.add_argument("--no-plots", action="store_true",
@@ -60,7 +65,9 @@ class AnalyzeCommand(RMTKDBaseCommand):
         model_id = model_from_args(args)
         check_dataset_source(args.dataset, "--dataset")
         if args.output is not None:
-            check_output_folder(args.output, args.overwrite)
+            # The output folder is replaced as a whole: it must hold neither the model nor the data.
+            check_output_folder(args.output, [model_id], overwrite=args.overwrite, name="--output")
+            check_output_folder(args.output, [args.dataset], overwrite=True, name="--output", what="dataset")
         config = config_from_args(args, ANALYSIS_FIELDS)
 
         # The registered rmtkd_<base> types, so that a per-layer folder (config and weights) loads too.

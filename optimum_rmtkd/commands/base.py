@@ -8,6 +8,7 @@ transformers) runs in `run()`, after parsing. The `choices` are the library's ow
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from ..configuration import (
     METRIC_DROP_ACTIONS,
     MIXED_PRECISIONS,
     OUTPUT_FORMATS,
+    PRESETS,
     SAMPLE_UNITS,
     SITE_KINDS,
     RMTKDConfig,
@@ -68,14 +70,19 @@ class RMTKDBaseCommand(BaseOptimumCLICommand):
         """Do the command's work with `self.args`; raise an exception from `USER_ERRORS` for a user's mistake."""
 
 
-def describe(parser: argparse.ArgumentParser, description: str, epilog: Optional[str] = None) -> None:
+def describe(
+    parser: argparse.ArgumentParser, description: str, epilog: Optional[str] = None, usage: Optional[str] = None
+) -> None:
     """Give a parser a description and examples: optimum's `add_parser` only sets the one-line help.
 
-    The examples are printed as written (raw formatter), so the description is wrapped here.
+    The examples are printed as written (raw formatter), so the description is wrapped here, paragraph by paragraph
+    (blank-line separated). `usage` replaces argparse's list of every flag, so that the description comes first.
     """
-    parser.description = textwrap.fill(description, width=100)
+    parser.description = "\n\n".join(textwrap.fill(paragraph, width=100) for paragraph in description.split("\n\n"))
     parser.epilog = epilog
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    if usage is not None:
+        parser.usage = usage
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,17 +216,6 @@ def check_dataset_source(source: Optional[str], flag: str) -> None:
         )
 
 
-def check_output_folder(folder: str, overwrite: bool, flag: str = "--output") -> None:
-    """Refuse a non-empty output folder before any work is done, unless `--overwrite`."""
-    path = Path(folder)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"`{flag}` {folder!r} is a file; pass a folder.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"`{flag}` {folder!r} exists and is not empty; choose another folder or pass --overwrite to replace it."
-        )
-
-
 def add_dataset_column_arguments(parser: argparse.ArgumentParser, labels: bool = True) -> None:
     group = parser.add_argument_group("dataset columns")
     group.add_argument("--text-column", default="text", help="Column with the input text (default: text).")
@@ -251,11 +247,10 @@ def _optional_float(text: str) -> Any:
 
 @dataclass(frozen=True)
 class ConfigFlag:
-    """One `RMTKDConfig` field as a command-line flag; `default` is the field's default, shown in `--help`."""
+    """One `RMTKDConfig` field as a command-line flag; its `default`, shown in `--help`, is read from the dataclass."""
 
     field: str
     type: Optional[Callable[[str], Any]]
-    default: Any
     help: str
     choices: Optional[Tuple[str, ...]] = None
     nargs: Optional[str] = None
@@ -263,6 +258,10 @@ class ConfigFlag:
     @property
     def flag(self) -> str:
         return "--" + self.field.replace("_", "-")
+
+    @property
+    def default(self) -> Any:
+        return _CONFIG_DEFAULTS[self.field]
 
     def default_text(self) -> str:
         if self.default is None:
@@ -275,39 +274,40 @@ class ConfigFlag:
 
 
 CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
-    ConfigFlag("estimator", str, "paper", "How σ² and the kept rank are estimated.", choices=ESTIMATORS),
-    ConfigFlag("quantile", float, 0.5, "τ, the eigenvalue quantile that starts the `paper` fit; higher cuts more."),
-    ConfigFlag("tw_alpha", float, 0.005, "Level of each Tracy-Widom test of `kritchman-nadler`."),
-    ConfigFlag("sigma2_scale", float, 1.0, "Multiplies the fitted σ²; above 1 cuts more."),
-    ConfigFlag("centered", None, False, "Use the covariance (centred) instead of the paper's uncentred second moment."),
-    ConfigFlag("sample_unit", str, "tokens", "What one sample is for text models: every token, [CLS], or the mean "
+    ConfigFlag("estimator", str, "How σ² and the kept rank are estimated.", choices=ESTIMATORS),
+    ConfigFlag("quantile", float, "τ, the eigenvalue quantile that starts the `paper` fit; higher cuts more."),
+    ConfigFlag("tw_alpha", float, "Level of each Tracy-Widom test of `kritchman-nadler`."),
+    ConfigFlag("sigma2_scale", float, "Multiplies the fitted σ²; above 1 cuts more."),
+    ConfigFlag("centered", None, "Use the covariance (centred) instead of the paper's uncentred second moment."),
+    ConfigFlag("sample_unit", str, "What one sample is for text models: every token, [CLS], or the mean "
                "over each sequence.", choices=SAMPLE_UNITS),
-    ConfigFlag("sites", str, ("hidden", "ffn"), "Kinds of site to reduce, in the order the stages run.",
+    ConfigFlag("sites", str, "Kinds of site to reduce, in the order the stages run; the paper cuts hidden first.",
                choices=SITE_KINDS, nargs="+"),
-    ConfigFlag("calibration_fraction", float, 0.1, "Share of the training split used for the spectra."),
-    ConfigFlag("max_calibration_examples", int, 2048, "Cap on calibration examples."),
-    ConfigFlag("width_multiple", int, 8, "Kept widths are rounded up to a multiple of this."),
-    ConfigFlag("min_width", int, 8, "No site is reduced below this width."),
-    ConfigFlag("head_reduction", str, "prune", "How attention follows a narrower hidden width: `prune` whole heads "
+    ConfigFlag("calibration_fraction", float, "Share of the training split used for the spectra."),
+    ConfigFlag("max_calibration_examples", int, "Cap on calibration examples."),
+    ConfigFlag("width_multiple", int, "Kept widths are rounded up to a multiple of this."),
+    ConfigFlag("min_width", int, "No site is reduced below this width."),
+    ConfigFlag("head_reduction", str, "How attention follows a narrower hidden width: `prune` whole heads "
                "(fewer, wider heads: faster attention) or `shrink` every head.", choices=HEAD_REDUCTIONS),
-    ConfigFlag("output_format", str, "stock", "`stock`: stock architecture, uniform widths, plain from_pretrained; "
+    ConfigFlag("output_format", str, "`stock`: stock architecture, uniform widths, plain from_pretrained; "
                "`per-layer`: each layer's own width in a registered rmtkd_<base> type.", choices=OUTPUT_FORMATS),
-    ConfigFlag("distillation_epochs", float, 1.0, "Self-distillation epochs after each reduction."),
-    ConfigFlag("max_distillation_steps", int, None, "Cap on optimizer steps per stage; none lets the epochs decide."),
-    ConfigFlag("learning_rate", float, 5e-5, "Learning rate of fine-tuning and distillation."),
-    ConfigFlag("batch_size", int, 32, "Batch size of calibration, training and evaluation."),
-    ConfigFlag("max_length", int, 128, "Texts are truncated to this many tokens."),
-    ConfigFlag("finetune_epochs", float, 0.0, "Fine-tune before the first reduction (1 epoch is always done when "
+    ConfigFlag("distillation_epochs", float, "Self-distillation epochs after each reduction."),
+    ConfigFlag("max_distillation_steps", int, "Cap on optimizer steps per stage; none lets the epochs decide."),
+    ConfigFlag("learning_rate", float, "Learning rate of fine-tuning and distillation."),
+    ConfigFlag("batch_size", int, "Batch size of calibration, training and evaluation."),
+    ConfigFlag("max_length", int, "Texts are truncated to this many tokens."),
+    ConfigFlag("finetune_epochs", float, "Fine-tune before the first reduction (1 epoch is always done when "
                "the task head is new)."),
-    ConfigFlag("target_reduction", float, None, "Stop once this share (0-1) of the parameters is removed."),
-    ConfigFlag("max_metric_drop", _optional_float, 0.015, "Stop, keeping the previous stage, when the validation "
-               "metric falls more than this below the uncompressed model; `none` switches the rule off."),
-    ConfigFlag("on_metric_drop", str, "stop", "What a stage that breaks --max-metric-drop does: `stop` the run "
-               "(the paper's rule) or `skip` that stage (undo it) and go on with the next.", choices=METRIC_DROP_ACTIONS),
-    ConfigFlag("max_stages", int, None, "Stop after this many reductions."),
-    ConfigFlag("mixed_precision", str, "no", "Mixed precision of training (passed to accelerate).",
+    ConfigFlag("target_reduction", float, "Stop once this share (0-1) of the parameters is removed."),
+    ConfigFlag("max_metric_drop", _optional_float, "A stage whose validation metric is worse than the "
+               "uncompressed model's by more than this (accuracy: falls below by) is undone, then --on-metric-drop "
+               "decides; `none` switches the rule off."),
+    ConfigFlag("on_metric_drop", str, "What a stage that breaks --max-metric-drop does once undone: `skip` it and "
+               "go on with the next, or `stop` the run (the paper's rule).", choices=METRIC_DROP_ACTIONS),
+    ConfigFlag("max_stages", int, "Stop after this many reductions."),
+    ConfigFlag("mixed_precision", str, "Mixed precision of training (passed to accelerate).",
                choices=MIXED_PRECISIONS),
-    ConfigFlag("seed", int, 42, "Seed of the calibration subset, data order and initialisation."),
+    ConfigFlag("seed", int, "Seed of the calibration subset, data order and initialisation."),
 )
 ANALYSIS_FIELDS = (
     "estimator", "quantile", "tw_alpha", "sigma2_scale", "centered", "sample_unit", "sites", "calibration_fraction",
@@ -316,11 +316,29 @@ ANALYSIS_FIELDS = (
 )
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, fields: Optional[Sequence[str]] = None) -> None:
-    """`--config` plus one flag per `RMTKDConfig` field (all, or `fields`); flags default to None = not given."""
-    group = parser.add_argument_group(
-        "RMTKDConfig", "Settings of the run; a flag overrides the same field of --config, defaults are RMTKDConfig's."
+_CONFIG_DEFAULTS: Dict[str, Any] = {field.name: field.default for field in dataclasses.fields(RMTKDConfig)}
+
+
+def defaults_text() -> str:
+    """The defaults that differ from the paper's recipe, as flags, read from `RMTKDConfig` (for `compress --help`)."""
+    return ", ".join(
+        f"--{name.replace('_', '-')} {' '.join(value) if isinstance(value, tuple) else value}"
+        for name, value in ((name, _CONFIG_DEFAULTS[name]) for name in PRESETS["paper"])
     )
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, fields: Optional[Sequence[str]] = None) -> None:
+    """`--preset`, `--config` and one flag per `RMTKDConfig` field (all, or `fields`); flags default to None = not
+    given, so that only what the user gave overrides the preset and the file."""
+    group = parser.add_argument_group(
+        "RMTKDConfig", "Settings of the run, applied in this order: RMTKDConfig's defaults, --preset, --config, then "
+                       "each flag given."
+    )
+    paper = " ".join(f"--{name.replace('_', '-')} {' '.join(value) if isinstance(value, tuple) else value}"
+                     for name, value in PRESETS["paper"].items())
+    group.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                       help=f"Start from a named recipe: `paper` is the RMT-KD paper's ({paper}); --config and the "
+                            "flags given override it (default: none, the defaults below).")
     group.add_argument("--config", default=None, metavar="RMTKD_CONFIG_JSON",
                        help="An rmtkd_config.json (or a folder holding one) to start from (default: none).")
     for flag in CONFIG_FLAGS:
@@ -336,22 +354,55 @@ def add_config_arguments(parser: argparse.ArgumentParser, fields: Optional[Seque
 
 
 def config_from_args(args: argparse.Namespace, fields: Optional[Sequence[str]] = None) -> RMTKDConfig:
-    """The `RMTKDConfig` of `--config` (or the defaults) with every flag the user gave on top."""
-    values: Dict[str, Any] = {}
-    if args.config is not None:
-        path = Path(args.config)
-        if path.is_dir():
-            path = path / CONFIG_NAME
-        if not path.is_file():
-            raise ValueError(f"`--config` {args.config!r} is not a file; pass the path of an {CONFIG_NAME}.")
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"`--config` {args.config!r} is not valid JSON ({error}); fix or regenerate it.") from None
+    """The `RMTKDConfig` of the defaults, then `--preset`, then `--config`, then every flag the user gave.
+
+    A bad field read from `--config` (a wrong JSON type such as `"batch_size": "32"`, a NaN) is reported with the
+    file's name; `inf` or `nan` given to a flag parse as floats and the config refuses them with its own message.
+    """
+    preset = getattr(args, "preset", None)
+    values: Dict[str, Any] = dict(PRESETS[preset]) if preset is not None else {}
+    from_file = _read_config_file(args.config) if args.config is not None else {}
+    values.update(from_file)
+    from_flags = {}
     for flag in CONFIG_FLAGS:
         if fields is not None and flag.field not in fields:
             continue
         value = getattr(args, flag.field)
         if value is not None:
-            values[flag.field] = None if value == "none" else value
-    return RMTKDConfig.from_dict(values)
+            from_flags[flag.field] = None if value == "none" else value
+    values.update(from_flags)
+    try:
+        return RMTKDConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        # When the file's own fields (those no flag replaced) fail the same way, the fault is in the file: name it.
+        in_file = {name: value for name, value in from_file.items() if name not in from_flags}
+        if in_file and _config_error(in_file) == str(error):
+            raise type(error)(f"`--config` {args.config!r}: {error}") from None
+        raise
+
+
+def _read_config_file(config: str) -> Dict[str, Any]:
+    path = Path(config)
+    if path.is_dir():
+        path = path / CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"`--config` {config!r} is not a file; pass the path of an {CONFIG_NAME}.")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"`--config` {config!r} is not valid JSON ({error}); fix or regenerate it.") from None
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"`--config` {config!r} holds a JSON {type(values).__name__}, not an object of RMTKDConfig fields; pass "
+            f"an {CONFIG_NAME} written by `rmtkd compress` or `RMTKDConfig.to_json_file`."
+        )
+    return values
+
+
+def _config_error(values: Dict[str, Any]) -> Optional[str]:
+    """The message `RMTKDConfig.from_dict(values)` fails with, or None."""
+    try:
+        RMTKDConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        return str(error)
+    return None

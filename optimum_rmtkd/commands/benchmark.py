@@ -6,6 +6,8 @@ from pathlib import Path
 
 from optimum.commands.base import CommandInfo
 
+from ..utils.io import check_output_folder
+
 from .base import RMTKDBaseCommand, add_common_arguments, describe
 
 BACKENDS = ("pytorch", "pytorch-cuda", "onnxruntime-cpu", "onnxruntime-cuda")
@@ -55,7 +57,8 @@ class BenchmarkCommand(RMTKDBaseCommand):
         parser.add_argument("--seed", type=int, default=None,
                             help="Seed of the random inputs and of the bootstrap (default: 0).")
         parser.add_argument("-o", "--output", default=None,
-                            help="Folder for benchmark.json, .md and .png (default: print the table only).")
+                            help="Folder for benchmark.json, .md and .png; neither a model's folder, a parent of "
+                                 "one nor a folder inside one (default: print the table only).")
         parser.add_argument("--onnx-cache-dir", default=None,
                             help="Where models without model.onnx are exported (default: <output>/onnx, else a "
                                  "temporary folder).")
@@ -69,6 +72,11 @@ class BenchmarkCommand(RMTKDBaseCommand):
                     f"`{flag}` {folder!r} is not a model folder (no config.json); pass a folder written by "
                     "`save_pretrained` or `rmtkd compress`."
                 )
+        # The report and the ONNX caches (exports, a file of absolute paths) are added to these folders: they must
+        # neither hold a model nor lie inside one. Files are added, not replaced, so a non-empty folder is fine.
+        for flag, folder in (("--output", args.output), ("--onnx-cache-dir", args.onnx_cache_dir)):
+            if folder is not None:
+                check_output_folder(folder, [args.original, args.compressed], overwrite=None, name=flag)
 
         # The registered rmtkd_<base> types, so that a per-layer folder (config and weights) loads too.
         from .. import modeling  # noqa: F401

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from optimum.commands.base import CommandInfo
 
+from ..utils.io import check_output_folder
+
 from .base import (
     RMTKDBaseCommand,
     add_common_arguments,
@@ -13,17 +15,20 @@ from .base import (
     add_dataset_column_arguments,
     add_model_argument,
     check_dataset_source,
-    check_output_folder,
     config_from_args,
+    defaults_text,
     describe,
     model_from_args,
     model_load_error,
     task_from_args,
 )
 
+DEFAULTS_TEXT = defaults_text()
+
 EXAMPLES = """examples:
   rmtkd compress ./minilm-sst2 --dataset train.csv --eval-dataset validation.csv -o minilm-rmtkd
-  rmtkd compress -m ./minilm-sst2 --dataset train.csv --estimator mp-median --target-reduction 0.3 -o out
+  rmtkd compress -m ./minilm-sst2 --dataset train.csv --target-reduction 0.3 -o out
+  rmtkd compress ./minilm-sst2 --dataset train.csv --preset paper --quantile 0.7 -o out-paper
   optimum-cli rmtkd compress ./minilm-sst2 --dataset train.csv --config rmtkd_config.json -o out --push-to-hub
 """
 
@@ -38,11 +43,19 @@ class CompressCommand(RMTKDBaseCommand):
             "Calibrate, cut every site to the directions above its Marchenko-Pastur bulk, and self-distil, stage "
             "after stage, until a stop rule fires. The output folder reloads with the stock AutoModelFor* class "
             "(or after `import optimum_rmtkd.modeling` for --output-format per-layer) and holds rmtkd_config.json, "
-            "rmtkd_report.json and the spectra plots. An interrupted run resumes from <output>.checkpoints.",
+            "rmtkd_report.json and the spectra plots. An interrupted run resumes from <output>.checkpoints.\n\n"
+            f"Defaults: {DEFAULTS_TEXT}: FFN sites before the hidden width, and a stage that costs more than "
+            "--max-metric-drop is undone and the next one runs: the recipe of this project's BERT benchmarks (README, "
+            "Results). The paper's recipe, --preset paper (estimator paper, hidden width first, stop at the first "
+            "such stage), cut the hidden width first on a new task, lost accuracy, undid that stage and stopped with "
+            "0% fewer parameters.",
             EXAMPLES,
+            usage="%(prog)s MODEL --dataset DATA -o OUTPUT [options]",
         )
         add_model_argument(parser)
-        parser.add_argument("-o", "--output", required=True, help="Folder to write the compressed model to.")
+        parser.add_argument("-o", "--output", required=True,
+                            help="Folder to write the compressed model to; neither the model's folder, a parent of it "
+                                 "nor a folder inside it.")
         parser.add_argument("--overwrite", action="store_true",
                             help="Replace a non-empty --output folder (default: off).")
         parser.add_argument("--no-resume", dest="resume", action="store_false",
@@ -78,7 +91,10 @@ class CompressCommand(RMTKDBaseCommand):
         for flag, source in (("--dataset", args.dataset), ("--eval-dataset", args.eval_dataset),
                              ("--test-dataset", args.test_dataset), ("--calibration-dataset", args.calibration_dataset)):
             check_dataset_source(source, flag)
-        check_output_folder(args.output, args.overwrite)
+        # The output folder is replaced as a whole: it must hold neither the model nor the data.
+        check_output_folder(args.output, [model], overwrite=args.overwrite, name="--output")
+        datasets = (args.dataset, args.eval_dataset, args.test_dataset, args.calibration_dataset)
+        check_output_folder(args.output, datasets, overwrite=True, name="--output", what="dataset")
         if args.hub_model_id is not None and not args.push_to_hub:
             raise ValueError("`--hub-model-id` was given without `--push-to-hub`; add `--push-to-hub` to push.")
         config = config_from_args(args)

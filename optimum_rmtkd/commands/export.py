@@ -6,7 +6,8 @@ from pathlib import Path
 
 from optimum.commands.base import CommandInfo
 
-from .base import RMTKDBaseCommand, add_common_arguments, check_output_folder, describe
+from ..utils.io import check_output_folder
+from .base import RMTKDBaseCommand, add_common_arguments, describe
 
 EXAMPLES = """examples:
   rmtkd export minilm-rmtkd                      # writes minilm-rmtkd/onnx, which `rmtkd push` uploads
@@ -29,7 +30,8 @@ class ExportCommand(RMTKDBaseCommand):
         )
         parser.add_argument("model_dir", help="A folder written by `rmtkd compress` or `save_pretrained`.")
         parser.add_argument("output", nargs="?", default=None,
-                            help="Folder to write (default: <model_dir>/onnx, which `rmtkd push` uploads).")
+                            help="Folder to write; neither model_dir, a parent of it nor another folder inside it "
+                                 "(default: <model_dir>/onnx, which `rmtkd push` uploads).")
         parser.add_argument("--opset", type=int, default=None,
                             help="ONNX opset, at least 18 (default: 23, which exports attention as the fused `Attention` op).")
         parser.add_argument("--atol", type=float, default=None,
@@ -57,7 +59,10 @@ class ExportCommand(RMTKDBaseCommand):
                 "`rmtkd compress` or `save_pretrained`."
             )
         output = Path(args.output) if args.output is not None else model_dir / "onnx"
-        check_output_folder(str(output), args.overwrite, flag="output")
+        # <model_dir>/onnx is export's own folder inside the model (what `rmtkd push` uploads); any other folder must
+        # neither hold the model nor lie inside it.
+        check_output_folder(output, [model_dir], overwrite=args.overwrite, name="output", cli=True,
+                            allowed=[model_dir / "onnx"])
 
         # The registered rmtkd_<base> types, so that a per-layer folder (config and weights) loads too.
         from .. import modeling  # noqa: F401

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -51,6 +51,62 @@ def is_same_or_inside(path: PathLike, folder: PathLike) -> bool:
     """Whether `path` is `folder` or lies below it (after resolving links): replacing `folder` would delete it."""
     path, folder = Path(path).resolve(), Path(folder).resolve()
     return path == folder or folder in path.parents
+
+
+def check_output_folder(
+    output: PathLike,
+    inputs: Iterable[Any] = (),
+    *,
+    overwrite: Optional[bool] = False,
+    name: str = "save_directory",
+    allowed: Iterable[PathLike] = (),
+    what: str = "model",
+    cli: Optional[bool] = None,
+) -> Path:
+    """The one guard of every folder optimum-rmtkd writes, run before any work: refuse an output that would delete
+    or mix with an input model, a file, and (unless `overwrite`) a non-empty folder.
+
+    Args:
+        output (`str` or `os.PathLike`): the folder about to be written.
+        inputs (`Iterable`, *optional*): the input models (folders; Hub ids, paths that do not exist and anything
+            not a path, such as `None` or a `datasets.Dataset`, are skipped). `output` must be none of them, none of
+            their parents (replacing it would delete the input) and not inside one (writing there would mix with the
+            input model's files).
+        overwrite (`bool`, *optional*, defaults to `False`): `False` refuses a non-empty `output`; `True` lets it
+            be replaced; `None` skips that check, for writers that add files to a folder (benchmark, model card).
+        name (`str`, *optional*, defaults to `"save_directory"`): the argument or flag named in the messages
+            (`--output` on the command line).
+        allowed (`Iterable`, *optional*): folders inside an input that their writer owns, allowed as they are
+            (`rmtkd export`'s `<model_dir>/onnx`).
+        what (`str`, *optional*, defaults to `"model"`): what the inputs are, for the message (`"dataset"`).
+        cli (`bool`, *optional*): whether the fix to name is the `--overwrite` flag rather than `overwrite=True`;
+            defaults to whether `name` is a flag (starts with `--`).
+
+    Returns:
+        `Path`: `output` as a `Path`.
+    """
+    path = Path(output).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"`{name}` {str(output)!r} is a file, not a folder; pass a folder path.")
+    allowed = [Path(folder).expanduser() for folder in allowed]
+    for source in inputs:
+        # A Hub id, a `datasets.Dataset` or a model object is nothing this write could touch.
+        if not isinstance(source, (str, os.PathLike)) or not Path(source).expanduser().exists():
+            continue
+        source = Path(source).expanduser()
+        if any(path.resolve() == folder.resolve() for folder in allowed):
+            continue
+        if is_same_or_inside(source, path) or is_same_or_inside(path, source):
+            raise ValueError(
+                f"`{name}` {str(output)!r} is the input {what} {str(source)!r}, one of its parents or a folder inside "
+                f"it; writing there would delete or mix with the input {what}: choose another folder."
+            )
+    if overwrite is False and path.is_dir() and any(path.iterdir()):
+        flag = "--overwrite" if (name.startswith("--") if cli is None else cli) else "`overwrite=True`"
+        raise FileExistsError(
+            f"`{name}` {str(output)!r} exists and is not empty; choose another folder or pass {flag} to replace it."
+        )
+    return path
 
 
 @contextlib.contextmanager
