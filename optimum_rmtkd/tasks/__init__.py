@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 _BUILTIN = {
     "text-classification": "sequence_classification:SequenceClassificationTask",
     "image-classification": "image_classification:ImageClassificationTask",
+    "text-generation": "causal_lm:CausalLMTask",
 }
 # When a config names no known architecture (a bare encoder such as a sentence-transformer), the task it defaults to.
 DEFAULT_TASK = "text-classification"
