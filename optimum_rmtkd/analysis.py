@@ -38,7 +38,7 @@ from .rmt import ESTIMATORS
 from .tasks import get_task
 from .tasks.base import Columns, Task
 from .utils.import_utils import is_matplotlib_available
-from .utils.io import atomic_directory, atomic_write_json
+from .utils.io import atomic_directory, atomic_write_json, check_output_folder
 from .version import __version__
 from .widths import decide_widths, widths_for_ranks
 
@@ -130,8 +130,10 @@ class RMTKDAnalysis:
     def save(self, output_dir: Union[str, os.PathLike], overwrite: bool = False, plots: bool = True) -> Path:
         """Write `analysis.json` and, with matplotlib and `plots=True`, `spectra/<site>.png` into `output_dir`.
 
-        The folder is written atomically; a non-empty `output_dir` is an error unless `overwrite=True`.
+        The folder is written atomically; a non-empty `output_dir` is an error unless `overwrite=True`, and so is
+        the analysed model's folder (`source`), a parent of it or a folder inside it, whatever `overwrite`.
         """
+        check_output_folder(output_dir, [self.source], overwrite=overwrite, name="output_dir")
         data = self.to_dict()
         with atomic_directory(output_dir, overwrite=overwrite) as folder:
             if plots and is_matplotlib_available():

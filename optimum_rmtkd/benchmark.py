@@ -61,7 +61,7 @@ from .exporters.onnx import (
     ort_session_options,
 )
 from .utils.import_utils import is_matplotlib_available, require
-from .utils.io import atomic_write_json, atomic_write_text
+from .utils.io import atomic_write_json, atomic_write_text, check_output_folder
 from .utils.progress import progress_bars_enabled
 
 logger = logging.get_logger(__name__)
@@ -734,6 +734,11 @@ def benchmark_models(
         raise ValueError(f"`energy_seconds` must be positive, got {energy_seconds!r}.")
     if ort_disabled_optimizers is not None:
         ort_disabled_optimizers = check_optimizer_names(ort_disabled_optimizers)
+    # The report and the ONNX caches (exports and a file of absolute paths) are added to these folders: neither may
+    # hold a model nor lie inside one. Files are added, not replaced, so a non-empty folder is fine.
+    for name, folder in (("output_dir", output_dir), ("onnx_cache_dir", onnx_cache_dir)):
+        if folder is not None:
+            check_output_folder(folder, [original_dir, compressed_dir], overwrite=None, name=name)
 
     models = {
         "original": load_saved_model(original_dir),

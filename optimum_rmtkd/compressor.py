@@ -40,7 +40,7 @@ from .report import save_spectrum_plots
 from .saving import load_checkpoint, save_compressed_model, weights_size
 from .tasks import get_task
 from .tasks.base import Columns, Task
-from .utils.io import atomic_write_json, is_same_or_inside
+from .utils.io import atomic_write_json, check_output_folder
 from .version import __version__
 from .widths import decide_widths
 
@@ -78,6 +78,12 @@ class RMTKDCompressor:
     def __init__(self, model: nn.Module, preprocessor=None, *, task: Union[str, Task, None] = None,
                  source: Optional[str] = None, head_is_new: bool = False):
         self.adapter = get_adapter(model)
+        if not self.adapter.covers(model):
+            raise ValueError(
+                f"{type(self.adapter).__name__} describes {', '.join(f'*{a}' for a in self.adapter.architectures)} "
+                f"models, got {type(model).__name__}: its site tables name that task head's modules. Load the model "
+                "with the Auto class of a task it covers (`task=`), or add the head to the adapter."
+            )
         self.task = get_task(task if task is not None else model.config)
         self.model = model
         self.preprocessor = preprocessor
@@ -184,30 +190,20 @@ class RMTKDCompressor:
         accelerator = Accelerator(
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
         )
+        used = self.task.input_columns + (("label",) if self.task.needs_labels else ())
         dataset_info = {"name": _dataset_name(train_dataset, train_ds)}
-        dataset_info.update(
-            {f"{key}_column": columns.get(key) for key in self.task.input_columns + ("label",) if columns.get(key)}
-        )
+        dataset_info.update({f"{key}_column": columns.get(key) for key in used if columns.get(key)})
         run = _Run(self, config, accelerator, save_directory, train_tok, eval_tok, calib_tok, test_tok, metric,
                    dataset_info, prepared.config_updates)
         return run.execute(resume=resume)
 
     # ------------------------------------------------------------------------------------------------------------
     def _check_save_directory(self, save_directory: Path, overwrite: bool) -> None:
+        # Writing replaces the whole folder and its checkpoints folder: the input model must lie in neither, nor
+        # either inside it (`check_output_folder`, the guard of every writer).
         source = self.source or getattr(self.model, "name_or_path", None)
-        if source and Path(source).exists():
-            # Writing replaces the whole folder (and its checkpoints folder): the input must lie in neither.
-            for folder in (save_directory, Path(f"{save_directory}.checkpoints")):
-                if is_same_or_inside(source, folder):
-                    raise ValueError(
-                        f"`save_directory` {str(save_directory)!r} is or contains the input model's folder "
-                        f"{str(source)!r}; choose another folder so the original model is not overwritten."
-                    )
-        if save_directory.exists() and any(save_directory.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"`save_directory` {str(save_directory)!r} exists and is not empty; choose another folder or pass "
-                "`overwrite=True`."
-            )
+        check_output_folder(save_directory, [source], overwrite=overwrite, name="save_directory")
+        check_output_folder(f"{save_directory}.checkpoints", [source], overwrite=True, name="save_directory")
 
 def _dataset_name(source, dataset: datasets.Dataset) -> Optional[str]:
     """A Hub-style name for the report: the id or path the user gave, else the Dataset's own recorded name."""

@@ -19,7 +19,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.utils import logging
 
 from .tasks import get_task, task_names
-from .utils.io import atomic_write_text
+from .utils.io import atomic_write_text, check_output_folder
 
 
 logger = logging.get_logger(__name__)
@@ -256,7 +256,7 @@ def write_model_card(
         include_onnx=include_onnx,
         benchmark=benchmark,
     )
-    path = Path(model_dir) / CARD_NAME
+    path = _check_card_folder(Path(model_dir)) / CARD_NAME
     atomic_write_text(path, str(card))
     return path
 
@@ -341,6 +341,7 @@ def push_to_hub(
             f"`revision` must be None with `create_pr=True` (pull requests open against `main`), got {revision!r}."
         )
     # Build the card before any network call, so a malformed report fails here and not after creating a repository.
+    _check_card_folder(model_dir)
     card_kwargs = {"base_model": base_model, "datasets": datasets, "include_onnx": include_onnx, "benchmark": benchmark}
     card = build_model_card(model_dir, repo_id=repo_id, **card_kwargs)
     report = _load_report(model_dir)
@@ -412,6 +413,17 @@ def _benchmark_path(model_dir: Path, benchmark: Optional[PathLike]) -> Optional[
             "`--output` folder of `rmtkd benchmark`."
         )
     return path
+
+
+def _check_card_folder(model_dir: Path) -> Path:
+    """README.md is written into `model_dir`: run the output guard against the base model it was compressed from.
+
+    Only an absolute `base_model` path is checked: a relative one was recorded relative to the compress run's
+    working directory, which is unknown here, so resolving it against this one could name an unrelated folder.
+    """
+    base = _load_report(model_dir)["base_model"]
+    inputs = [base] if isinstance(base, str) and os.path.isabs(base) else []
+    return check_output_folder(model_dir, inputs, overwrite=None, name="model_dir")
 
 
 def _refresh_card(model_dir: Path, card: ModelCard) -> None:

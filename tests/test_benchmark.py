@@ -391,7 +391,6 @@ def test_speed_script_defaults_to_the_rotten_tomatoes_grid(monkeypatch, tmp_path
         raise SystemExit(0)  # stop before any timing: only the arguments are checked
 
     monkeypatch.setattr(script, "benchmark_models", fake_benchmark)
-    monkeypatch.setattr(script, "read_config_dict", lambda path: {"model_type": "bert"})
     with pytest.raises(SystemExit):
         script.main([])
     rotten_tomatoes = SPEED_SCRIPT.parent / "results" / "rotten_tomatoes"

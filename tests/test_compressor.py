@@ -8,8 +8,9 @@ from transformers import AutoModelForSequenceClassification
 import optimum_rmtkd.compressor as compressor_module
 from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
 
+# The tests below script the paper's stage order and stop rule (hidden width first, stop on a drop).
 FAST = dict(batch_size=16, max_length=32, max_distillation_steps=2, width_multiple=4, min_width=4,
-            estimator="mp-median", max_metric_drop=None)
+            estimator="mp-median", max_metric_drop=None, sites=("hidden", "ffn"), on_metric_drop="stop")
 
 
 def _compress(model_dir, splits, out, **overrides):
@@ -216,7 +217,8 @@ def test_empty_dataset(bert_dir, text_splits, tmp_path):
 
 
 def test_save_directory_is_the_input_directory(bert_dir, text_splits):
-    with pytest.raises(ValueError, match="is or contains the input model's folder .*; choose another folder"):
+    with pytest.raises(ValueError, match="is the input model .*, one of its parents or a folder inside it; writing "
+                                         "there would delete or mix with the input model: choose another folder."):
         RMTKDCompressor.from_pretrained(bert_dir).compress(
             text_splits["train"], text_splits["validation"], RMTKDConfig(**FAST), save_directory=bert_dir
         )
@@ -224,7 +226,7 @@ def test_save_directory_is_the_input_directory(bert_dir, text_splits):
 
 def test_save_directory_holding_the_input_model_is_refused(bert_dir, text_splits):
     # overwrite=True replaces the whole folder: the input model inside it would be deleted.
-    with pytest.raises(ValueError, match="is or contains the input model's folder"):
+    with pytest.raises(ValueError, match="is the input model .*, one of its parents or a folder inside it"):
         RMTKDCompressor.from_pretrained(bert_dir).compress(
             text_splits["train"], text_splits["validation"], RMTKDConfig(**FAST), save_directory=bert_dir.parent,
             overwrite=True,
@@ -247,6 +249,16 @@ def test_unsupported_model_type():
 
     model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="RMT-KD has no adapter for model type 'gpt2'"):
+        RMTKDCompressor(model)
+
+
+def test_a_head_the_adapter_does_not_describe_is_refused():
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_attention_heads=2, intermediate_size=23,
+                                       num_hidden_layers=1))
+    with pytest.raises(ValueError, match=r"BertAdapter describes \*ForSequenceClassification models, got "
+                                         r"BertForMaskedLM: its site tables name that task head's modules"):
         RMTKDCompressor(model)
 
 

@@ -33,7 +33,7 @@ from .. import modeling  # noqa: F401  (registers the per-layer types, so their 
 from ..tasks import get_task
 from ..tasks.base import Task
 from ..utils.import_utils import require
-from ..utils.io import atomic_directory, is_same_or_inside
+from ..utils.io import atomic_directory, check_output_folder
 
 logger = logging.get_logger(__name__)
 
@@ -289,8 +289,9 @@ def export_onnx(
 
     Args:
         model_dir (`str` or `os.PathLike`): a `save_pretrained` folder (stock or registered `rmtkd_*` type).
-        output_dir (`str` or `os.PathLike`): the folder to write; must not be `model_dir` nor contain it. It is
-            written atomically: on any error (a failed validation included) nothing is left behind.
+        output_dir (`str` or `os.PathLike`): the folder to write; neither `model_dir`, a parent of it nor a folder
+            inside it other than `<model_dir>/onnx`. It is written atomically: on any error (a failed validation
+            included) nothing is left behind.
         opset (`int`, *optional*, defaults to 23): ONNX opset, at least 18 (the dynamo exporter's lowest); 23 and
             above export attention as the fused `Attention` op.
         validate (`bool`, *optional*, defaults to `True`): run `validate_onnx` on the written file.
@@ -325,11 +326,9 @@ def export_onnx(
         raise ValueError(
             f"`optimization_level` must be None or one of {OPTIMIZATION_LEVELS}, got {optimization_level!r}."
         )
-    if is_same_or_inside(model_dir, output_dir):
-        raise ValueError(
-            f"`output_dir` {str(output_dir)!r} must differ from `model_dir` and not contain it, since it is replaced "
-            f"as a whole; choose a new folder."
-        )
+    # `output_dir` is replaced as a whole: it must neither hold `model_dir` nor lie inside it, apart from
+    # `<model_dir>/onnx`, the export's own folder that `push_to_hub` uploads.
+    check_output_folder(output_dir, [model_dir], overwrite=overwrite, name="output_dir", allowed=[model_dir / "onnx"])
     for module in ("onnx", "onnxscript", "onnxruntime"):
         require(module, "export_onnx", "onnx")
     if fp16 and device != "cuda":
