@@ -88,6 +88,13 @@ class Adapter(ABC):
 
     #: `config.model_type` values handled by this adapter.
     model_types: Tuple[str, ...] = ()
+    #: Endings of the model class names the site tables describe (`ForSequenceClassification`): the tables name the
+    #: task head's modules (a classifier's pooler, a language model's `lm_head`), so another head is not covered.
+    architectures: Tuple[str, ...] = ()
+
+    def covers(self, model: nn.Module) -> bool:
+        """Whether the site tables describe `model`'s class (stock or registered `RMTKD<stock class>`)."""
+        return type(model).__name__.endswith(self.architectures)
 
     @abstractmethod
     def sites(self, model: nn.Module) -> List[Site]:
@@ -256,6 +263,11 @@ def register_adapter(cls: Type[Adapter]) -> Type[Adapter]:
 
 def supported_model_types() -> List[str]:
     return sorted(_ADAPTERS)
+
+
+def adapter_class_for(model_type: str) -> Optional[Type[Adapter]]:
+    """The adapter class registered for a stock or registered (`rmtkd_<base>`) model type, else `None`."""
+    return _ADAPTERS.get(model_type.removeprefix("rmtkd_"))
 
 
 def get_adapter(model: nn.Module) -> Adapter:

@@ -115,6 +115,7 @@ class ResNetAdapter(Adapter):
     """Channel sites of `ResNetForImageClassification` (and of its registered per-layer type `rmtkd_resnet`)."""
 
     model_types = ("resnet",)
+    architectures = ("ForImageClassification",)
 
     # --- reading the structure -------------------------------------------------------------------------------
     @staticmethod

@@ -79,6 +79,7 @@ class TransformerEncoderAdapter(Adapter):
     """Adapter for post-LN encoders described by an `EncoderLayout` (subclasses set `layout` and `model_types`)."""
 
     layout: EncoderLayout
+    architectures = ("ForSequenceClassification",)
 
     # --- reading the structure -------------------------------------------------------------------------------
     def _layer(self, index: int, relative: str) -> str:

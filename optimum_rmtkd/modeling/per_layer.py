@@ -5,9 +5,9 @@ for ResNet the layers are residual blocks and the field is `inner_sizes`) so the
 upstream modeling reads it; until then the model is built with the global widths and the listed layers are resized
 (by the family's adapter) before the weights load.
 
-One config class per family (`rmtkd_<base>`), and one model class per task: for every registered task
-(`optimum_rmtkd.tasks`) whose Auto class maps the family's stock config to a model class, `RMTKD<that class>` is
-derived and registered with that Auto class (e.g. `RMTKDBertForSequenceClassification` with
+One config class per family (`rmtkd_<base>`), and one model class per task: for every registered task whose Auto
+class maps the family's stock config to a model class that the family's adapter covers (`Adapter.architectures`),
+`RMTKD<that class>` is derived and registered with that Auto class (e.g. `RMTKDBertForSequenceClassification` with
 `AutoModelForSequenceClassification`, `RMTKDResNetForImageClassification` with `AutoModelForImageClassification`).
 A task added later gets its classes at the next `register_per_layer_types()` (every lookup here calls it).
 
@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from ..adapters import get_adapter
-from ..adapters.base import rebuild
+from ..adapters.base import adapter_class_for, rebuild
 from ..tasks import get_task, task_names
 
 PREFIX = "RMTKD"
@@ -130,6 +130,7 @@ def register_per_layer_types() -> None:
             PER_LAYER_CONFIGS[base_type] = config_cls
         config_cls = PER_LAYER_CONFIGS[base_type]
         registered = PER_LAYER_TYPES.setdefault(base_type, {})
+        covered = adapter_class_for(base_type).architectures
         for name in task_names():
             auto_model = get_task(name).auto_model
             # `_model_mapping` is the Auto class's config → model mapping (a lazy one: `in` and `[]` take config
@@ -137,6 +138,8 @@ def register_per_layer_types() -> None:
             if base.config not in auto_model._model_mapping:
                 continue
             stock_model = auto_model._model_mapping[base.config]
+            if not stock_model.__name__.endswith(covered):  # a head the adapter's site tables do not describe
+                continue
             if stock_model.__name__ in registered:
                 continue
             model_cls = _make_model_class(stock_model, config_cls)
@@ -167,8 +170,8 @@ def registered_type_for(model_type: str, architecture: Optional[str] = None) -> 
     if stock_name not in registered:
         raise ValueError(
             f"`output_format='per-layer'` has no class for architecture {architecture!r} of model type "
-            f"{model_type!r}; it has {', '.join(sorted(registered)) or 'none'} (one per registered task whose Auto class maps "
-            f"`{_BASES[base_type].config.__name__}`)."
+            f"{model_type!r}; it has {', '.join(sorted(registered)) or 'none'} (one per registered task whose Auto "
+            f"class maps `{_BASES[base_type].config.__name__}` to a class its adapter covers)."
         )
     return registered[stock_name]
 

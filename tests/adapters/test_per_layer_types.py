@@ -1,4 +1,5 @@
-"""Registered per-layer types: one config class per family, one model class per task whose Auto class maps it."""
+"""Registered per-layer types: one config class per family, one model class per task whose Auto class maps it to a
+class the family's adapter covers."""
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from transformers import (
 
 from optimum_rmtkd import tasks
 from optimum_rmtkd.adapters import get_adapter
+from optimum_rmtkd.adapters.bert import BertAdapter
 from optimum_rmtkd.calibration import collect_statistics
 from optimum_rmtkd.configuration import RMTKDConfig
 from optimum_rmtkd.modeling import per_layer
@@ -45,7 +47,7 @@ def test_unknown_types_and_architectures_say_what_exists():
         registered_type_for("gpt2")
     with pytest.raises(ValueError, match=r"no class for architecture 'BertForMaskedLM' of model type 'bert'; it has "
                                          r"BertForSequenceClassification \(one per registered task whose Auto class "
-                                         r"maps `BertConfig`\)\."):
+                                         r"maps `BertConfig` to a class its adapter covers\)\."):
         registered_type_for("bert", "BertForMaskedLM")
 
 
@@ -59,8 +61,10 @@ class _FillMaskTask(SequenceClassificationTask):
 
 @pytest.fixture
 def fill_mask_task(monkeypatch):
-    """Register the task, and undo every registration it causes when the test ends."""
+    """Register the task (and BERT's adapter as covering its head), and undo every registration it causes when the
+    test ends."""
     monkeypatch.setitem(tasks._REGISTRY, _FillMaskTask.name, _FillMaskTask())
+    monkeypatch.setattr(BertAdapter, "architectures", BertAdapter.architectures + ("ForMaskedLM",))
     monkeypatch.setattr(per_layer, "PER_LAYER_TYPES", {k: dict(v) for k, v in per_layer.PER_LAYER_TYPES.items()})
     mapping = AutoModelForMaskedLM._model_mapping
     monkeypatch.setattr(mapping, "_extra_content", dict(mapping._extra_content))
