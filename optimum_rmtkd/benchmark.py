@@ -751,7 +751,8 @@ def benchmark_models(
             f"{task.name!r} and {model_task(models['compressed']).name!r}."
         )
     size_key = task.size_name
-    sizes = _check_positive_ints(size_key + "s", {"sequence_length": sequence_lengths, "image_size": image_sizes}[size_key])
+    sizes = {"sequence_length": sequence_lengths, "image_size": image_sizes}[size_key]
+    sizes = _check_positive_ints(size_key + "s", sizes)
     for name, model in models.items():
         limit = task.max_size(model.config)
         if limit is not None and max(sizes) > limit:

@@ -37,7 +37,17 @@ from .data import DatasetLike, calibration_subset, load_split
 from .distillation import train
 from .modeling.per_layer import as_output_format
 from .report import save_spectrum_plots
-from .saving import load_checkpoint, save_compressed_model, weights_size
+from .saving import (
+    capture_random_states,
+    load_checkpoint,
+    load_random_states,
+    restore_random_states,
+    rows_fingerprint,
+    save_compressed_model,
+    save_random_states,
+    weights_fingerprint,
+    weights_size,
+)
 from .tasks import get_task
 from .tasks.base import Columns, Task
 from .utils.io import atomic_write_json, check_output_folder
@@ -47,6 +57,13 @@ from .widths import decide_widths
 logger = logging.get_logger(__name__)
 
 STATE_NAME = "rmtkd_state.json"
+RANDOM_STATES_NAME = "random_states_{}.pt"  # one per process, in each stage folder
+
+# Below these sizes a run works but its numbers are noise: one validation row moves the metric by 1/rows.
+MIN_TRAIN_ROWS = 100
+MIN_EVAL_ROWS = 50
+# A tokenizer that maps more than this share of the training text's tokens to its unknown token is not the model's.
+MAX_UNKNOWN_TOKEN_SHARE = 0.5
 
 
 @dataclass
@@ -77,6 +94,11 @@ class RMTKDCompressor:
 
     def __init__(self, model: nn.Module, preprocessor=None, *, task: Union[str, Task, None] = None,
                  source: Optional[str] = None, head_is_new: bool = False):
+        if isinstance(model, (str, os.PathLike)):
+            raise TypeError(
+                f"`model` must be a loaded model (an nn.Module), got the path {str(model)!r}; load it with "
+                f"`RMTKDCompressor.from_pretrained({str(model)!r})`."
+            )
         self.adapter = get_adapter(model)
         if not self.adapter.covers(model):
             raise ValueError(
@@ -93,31 +115,57 @@ class RMTKDCompressor:
     @classmethod
     def from_pretrained(
         cls, model_name_or_path: Union[str, os.PathLike], task: Union[str, Task, None] = None,
-        num_labels: Optional[int] = None, seed: int = RMTKDConfig.seed, **hub_kwargs: Any,
+        num_labels: Optional[int] = None, seed: int = RMTKDConfig.seed, gguf_file: Optional[str] = None,
+        **hub_kwargs: Any,
     ) -> "RMTKDCompressor":
-        """Load a model and its preprocessor from a Hub id or a local folder (`hub_kwargs` go to `from_pretrained`).
+        """Load a model and its preprocessor from a Hub id, a local folder or a GGUF file.
 
-        The task defaults to the one the checkpoint's config names. A checkpoint without the task's head (e.g. a
-        sentence encoder) gets a new one (with `num_labels` classes for a classifier, default 2), drawn under
-        `seed` (pass the run's `RMTKDConfig.seed`); the compressor then fine-tunes it before compressing.
+        Args:
+            model_name_or_path: a Hub id, a folder written by `save_pretrained`, or the path of a `.gguf` file.
+            task (`str` or `Task`, *optional*): defaults to the one the checkpoint's config names (its architectures).
+            num_labels (`int`, *optional*): classes of a new classification head (default 2).
+            seed (`int`, *optional*): the seed a new task head is drawn under (pass the run's `RMTKDConfig.seed`).
+            gguf_file (`str`, *optional*): a GGUF file in the folder or Hub repository `model_name_or_path`. Its
+                weights are dequantized to float32 on load (`GgufConfig(dequantize=True)`): transformers can save such
+                a model with `save_pretrained`, and the cut and distillation need real-valued weights.
+            hub_kwargs: passed to `from_pretrained` of the model, its config and its preprocessor.
+
+        A checkpoint without the task's head (e.g. a sentence encoder) gets a new one, drawn under `seed`; the
+        compressor then fine-tunes it before compressing. PyTorch seeds its default generator at random in each
+        process, so an unseeded head would make every run, and all that follows, different.
         """
-        kwargs = dict(hub_kwargs)
+        if isinstance(model_name_or_path, nn.Module):
+            raise TypeError(
+                "`model_name_or_path` must be a Hub id, a folder or a .gguf file, got a "
+                f"{type(model_name_or_path).__name__} object; for a model in memory use "
+                "`RMTKDCompressor(model, preprocessor)`."
+            )
+        path = Path(model_name_or_path)
+        if gguf_file is None and path.suffix.lower() == ".gguf" and path.is_file():
+            model_name_or_path, gguf_file = path.parent, path.name
+        model_kwargs: Dict[str, Any] = {}
+        if gguf_file is not None:
+            from transformers import GgufConfig
+
+            hub_kwargs["gguf_file"] = gguf_file
+            model_kwargs.update(quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
         if num_labels is not None:
-            kwargs["num_labels"] = num_labels
+            model_kwargs["num_labels"] = num_labels
+        source = str(Path(model_name_or_path) / gguf_file) if gguf_file else str(model_name_or_path)
         try:
             if task is None:
                 from transformers import AutoConfig
 
                 task = AutoConfig.from_pretrained(model_name_or_path, **hub_kwargs)
             task = get_task(task)
-            model, head_is_new = task.load_model(model_name_or_path, seed, **kwargs)
+            model, head_is_new = task.load_model(model_name_or_path, seed, **hub_kwargs, **model_kwargs)
         except OSError as error:
             raise OSError(
-                f"Could not load a model from {str(model_name_or_path)!r}: pass a local folder with config.json and "
-                "weights, or a Hub model id reachable from this machine (set `HF_HUB_OFFLINE=1` to use the cache)."
+                f"Could not load a model from {source!r}: pass a local folder with config.json and weights, a .gguf "
+                "file, or a Hub model id reachable from this machine (set `HF_HUB_OFFLINE=1` to use the cache)."
             ) from error
         preprocessor = task.load_preprocessor(model_name_or_path, **hub_kwargs)
-        return cls(model, preprocessor, task=task, source=str(model_name_or_path), head_is_new=head_is_new)
+        return cls(model, preprocessor, task=task, source=source, head_is_new=head_is_new)
 
     # ------------------------------------------------------------------------------------------------------------
     def compress(
@@ -146,19 +194,24 @@ class RMTKDCompressor:
                 training data.
             config (`RMTKDConfig`, *optional*): the run's settings.
             save_directory: output folder; must not be the input model's folder. Stage checkpoints go to
-                `<save_directory>.checkpoints` so an interrupted run resumes where it stopped.
+                `<save_directory>.checkpoints` so an interrupted run resumes where it stopped. They are removed when
+                the run succeeds and kept when it fails or is interrupted (a disk-full error, a lost machine, Ctrl-C):
+                the same call resumes after the last completed stage; `resume=False` (`--no-resume`) starts over.
             calibration_dataset (*optional*): data for the spectra instead of the training subset.
             metric (*optional*): for classification, an `evaluate.EvaluationModule` or a callable
                 `(predictions, references)`; defaults to the task's own metric (accuracy computed locally).
             test_dataset (*optional*): held-out data scored before and after compression for the report.
             text_column / text_pair_column / image_column / label_column: the dataset's column names.
+            resume (`bool`, *optional*, defaults to `True`): continue from the checkpoints of an interrupted run with
+                the same model weights, data and config (refused, naming what differs, when they belong to another).
         """
-        config = config or RMTKDConfig()
-        save_directory = Path(save_directory)
+        config = _check_config(config)
+        save_directory = _check_save_directory_type(save_directory)
         self._check_save_directory(save_directory, overwrite)
         set_seed(config.seed)
 
         train_ds = load_split(train_dataset, "train")
+        self._check_preprocessor(train_ds, text_column)
         eval_ds = load_split(eval_dataset, "validation") if eval_dataset is not None else None
         if eval_ds is None:
             if len(train_ds) < 10:
@@ -179,6 +232,12 @@ class RMTKDCompressor:
         }
         prepared = self.task.prepare(splits, self.preprocessor, self.model.config, columns, config.max_length)
         train_tok, eval_tok, test_tok, calib_tok = (prepared.splits[name] for name in splits)
+        if len(train_tok) < MIN_TRAIN_ROWS or len(eval_tok) < MIN_EVAL_ROWS:
+            logger.warning(
+                "Only %d training and %d validation rows: distillation and the stop rules are noise below %d and %d "
+                "(one validation row moves the metric by %.1f points); pass more data for a result to trust.",
+                len(train_tok), len(eval_tok), MIN_TRAIN_ROWS, MIN_EVAL_ROWS, 100 / max(len(eval_tok), 1),
+            )
         if calib_tok is not None:
             # Sampled, not truncated: a file sorted by label or source would otherwise bias the spectra.
             calib_tok = calibration_subset(calib_tok, 1.0, config.max_calibration_examples, config.seed)
@@ -204,6 +263,61 @@ class RMTKDCompressor:
         source = self.source or getattr(self.model, "name_or_path", None)
         check_output_folder(save_directory, [source], overwrite=overwrite, name="save_directory")
         check_output_folder(f"{save_directory}.checkpoints", [source], overwrite=True, name="save_directory")
+
+    def _check_preprocessor(self, train_ds: datasets.Dataset, text_column: str) -> None:
+        """Refuse a task that needs a preprocessor without one, and a tokenizer that does not know the training text:
+        `AutoTokenizer` builds a tokenizer of special tokens alone from a folder without tokenizer files, so every
+        word becomes the unknown token and the run "succeeds" on nothing, then ships that tokenizer."""
+        where = f"{self.source!r}" if self.source else "the model's folder"
+        fix = ("pass a folder that holds them beside the model's weights, or save them there "
+               "(`tokenizer.save_pretrained(folder)`), or pass `RMTKDCompressor(model, preprocessor)`.")
+        if self.preprocessor is None:
+            if self.task.preprocessor_class is not None:
+                raise ValueError(
+                    f"`preprocessor` is None, but the {self.task.name} task needs one ({self.task.preprocessor_class}):"
+                    f" {where} has no preprocessor files; {fix}"
+                )
+            return
+        unknown_id = getattr(self.preprocessor, "unk_token_id", None)
+        if unknown_id is None or text_column not in train_ds.column_names:
+            return  # no unknown token (byte-level BPE, image processors), or a missing column the task reports
+        texts = [text for text in train_ds.select(range(min(100, len(train_ds))))[text_column] if isinstance(text, str)]
+        if not texts:
+            return
+        ids = self.preprocessor(texts, add_special_tokens=False)["input_ids"]
+        total = sum(len(row) for row in ids)
+        unknown = sum(token == unknown_id for row in ids for token in row)
+        if total and unknown / total > MAX_UNKNOWN_TOKEN_SHARE:
+            raise ValueError(
+                f"`preprocessor` maps {unknown / total:.0%} of the tokens of the first {len(texts)} training texts to "
+                f"{self.preprocessor.unk_token!r} (its vocabulary has {len(self.preprocessor)} tokens, at most "
+                f"{MAX_UNKNOWN_TOKEN_SHARE:.0%} may be unknown): {where} has no tokenizer files; {fix}"
+            )
+
+
+def _check_config(config) -> RMTKDConfig:
+    """`None` (the defaults), an `RMTKDConfig`, or a dict of its fields (as `RMTKDConfig.from_dict` reads)."""
+    if config is None:
+        return RMTKDConfig()
+    if isinstance(config, RMTKDConfig):
+        return config
+    if isinstance(config, dict):
+        return RMTKDConfig.from_dict(config)
+    raise TypeError(
+        f"`config` must be an RMTKDConfig or a dict of its fields, got {type(config).__name__}; pass "
+        "`RMTKDConfig(...)`, or `RMTKDConfig.from_json_file(path)` for a saved rmtkd_config.json."
+    )
+
+
+def _check_save_directory_type(save_directory) -> Path:
+    """A folder path: `Path(None)` fails inside pathlib, and `""` would be the working directory."""
+    if not isinstance(save_directory, (str, os.PathLike)) or not str(save_directory).strip():
+        raise TypeError(
+            f"`save_directory` must be a folder path (a non-empty str or os.PathLike), got {save_directory!r}; pass "
+            "the folder to write the compressed model to, e.g. `save_directory=\"bert-rmtkd\"`."
+        )
+    return Path(save_directory)
+
 
 def _dataset_name(source, dataset: datasets.Dataset) -> Optional[str]:
     """A Hub-style name for the report: the id or path the user gave, else the Dataset's own recorded name."""
@@ -241,11 +355,15 @@ class _Run:
             ) if test_tok is not None else None
         )
         # What a checkpoint must match to be resumed: the same input model, task and data, not only the same config.
+        # The weights and rows are fingerprinted by content: other weights saved into the same folder, or other rows
+        # of the same count, are another run.
+        data = {"train": train_tok, "eval": eval_tok, "calibration": calib_tok, "test": test_tok}
         self.identity = {
             "source": compressor.source, "task": self.task.name,
             "model_config": compressor.model.config.to_dict(),
-            "parameters": count_parameters(compressor.model),
-            "examples": {"train": len(train_tok), "eval": len(eval_tok), "calibration": len(calib_tok)},
+            "weights": weights_fingerprint(compressor.model),
+            "data": {name: {"rows": len(split), "fingerprint": rows_fingerprint(split)}
+                     for name, split in data.items() if split is not None},
         }
         if len(calib_tok) < accelerator.num_processes:
             # An empty shard would raise on one process while the others wait forever in the all-reduce.
@@ -273,41 +391,95 @@ class _Run:
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def save_checkpoint(self, model: nn.Module, state: Dict[str, Any]) -> None:
-        """Save the model after a stage, then point the state file at it; only then drop the older stage folder, so
-        an interruption at any moment leaves a state file naming a complete checkpoint."""
+        """Save the model after a stage and every process's random states, then point the state file at them; only
+        then drop the older stage folder, so an interruption at any moment leaves a state file naming a complete
+        checkpoint."""
+        stage_dir = self.checkpoints / f"stage-{state['completed_stages']}"
         if self.accelerator.is_main_process:
-            stage_dir = self.checkpoints / f"stage-{state['completed_stages']}"
             save_compressed_model(
                 model, self.compressor.preprocessor, stage_dir, self.config.output_format, overwrite=True
             )
+        self.accelerator.wait_for_everyone()
+        # The states of this moment: a resumed run restores them before its next stage, as this run goes on with them.
+        save_random_states(stage_dir / RANDOM_STATES_NAME.format(self.accelerator.process_index),
+                           self.random_states())
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
             atomic_write_json(self.checkpoints / STATE_NAME, dict(state, checkpoint=stage_dir.name))
             for old in self.checkpoints.glob("stage-*"):
                 if old != stage_dir:
                     shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
+    def random_states(self) -> Dict[str, Any]:
+        """Every random state the rest of the run draws from: the global generators, the training loader's shuffling
+        generator, and Accelerate's step counter (it decides which micro-batches accumulate before a step)."""
+        return dict(capture_random_states({"train_loader": self.train_loader.generator}),
+                    accelerator_step=self.accelerator.step)
+
+    def restore_random_states(self, stage_dir: Path) -> None:
+        path = stage_dir / RANDOM_STATES_NAME.format(self.accelerator.process_index)
+        if not path.is_file():
+            logger.warning("%s is missing (the checkpoint was written by another number of processes): the resumed "
+                           "run will not equal an uninterrupted one.", path)
+            return
+        states = load_random_states(path)
+        restore_random_states(states, {"train_loader": self.train_loader.generator})
+        self.accelerator.step = states["accelerator_step"]
+
     def load_state(self) -> Optional[Dict[str, Any]]:
         path = self.checkpoints / STATE_NAME
         if not path.is_file():
             return None
         state = json.loads(path.read_text())
-        current = {"config": self.config.to_dict(), "identity": json.loads(json.dumps(self.identity))}
-        differing = [key for key, value in current.items() if state.get(key) != value]
+        identity = json.loads(json.dumps(self.identity))
+        saved = state.get("identity") or {}
+        # What differs, in the words of the message.
+        parts = {
+            "config": state.get("config") == self.config.to_dict(),
+            "input model": all(saved.get(key) == identity[key] for key in ("source", "task", "model_config")),
+            "input weights": saved.get("weights") == identity["weights"],
+            "data": saved.get("data") == identity["data"],
+        }
+        differing = [part for part, same in parts.items() if not same]
         if differing:
             # Refuse rather than restart: restarting would delete the other run's stages.
             raise ValueError(
-                f"The checkpoints in {str(self.checkpoints)!r} belong to another run (its {' and '.join(differing)} "
-                "differ); pass `resume=False` (`--no-resume`) to start over and replace them, or choose another "
-                "`save_directory`."
+                f"The checkpoints in {str(self.checkpoints)!r} belong to another run (different "
+                f"{', '.join(differing[:-1]) + ' and ' if len(differing) > 1 else ''}{differing[-1]}); pass "
+                "`resume=False` (`--no-resume`) to start over and replace them, or choose another `save_directory`."
             )
         return state
 
     # --- the pipeline ------------------------------------------------------------------------------------------
     def execute(self, resume: bool) -> RMTKDResult:
+        state = self.load_state() if resume else None  # a refusal leaves the other run's checkpoints as they are
+        try:
+            return self._execute(state)
+        except BaseException as error:
+            self.explain_kept_checkpoints(error)
+            raise
+
+    def explain_kept_checkpoints(self, error: BaseException) -> None:
+        """A failed or interrupted run keeps its checkpoints (a disk-full error or Ctrl-C should not cost the stages
+        done): say where they are and how to resume or start over."""
+        path = self.checkpoints / STATE_NAME
+        if not self.accelerator.is_main_process or not path.is_file():
+            return
+        completed = json.loads(path.read_text()).get("completed_stages", 0)
+        logger.warning(
+            "The run %s after %d completed stage(s); its checkpoints are kept in %r: run the same command again to "
+            "resume from there, or pass `--no-resume` (`resume=False`) to start over (or delete the folder).",
+            "was interrupted" if isinstance(error, KeyboardInterrupt) else f"failed ({type(error).__name__})",
+            completed, str(self.checkpoints),
+        )
+
+    def _execute(self, state: Optional[Dict[str, Any]]) -> RMTKDResult:
         config, accelerator = self.config, self.accelerator
-        state = self.load_state() if resume else None
         if state is not None:
-            model = load_checkpoint(self.checkpoints / state["checkpoint"], self.task.auto_model)
+            stage_dir = self.checkpoints / state["checkpoint"]
+            model = load_checkpoint(stage_dir, self.task.auto_model)
+            self.restore_random_states(stage_dir)
             logger.info("Resuming after stage %d from %s", state["completed_stages"], self.checkpoints)
         else:
             model = copy.deepcopy(self.compressor.model)  # the input model is never modified
@@ -333,6 +505,14 @@ class _Run:
             model = self.run_stage(model, stages[state["completed_stages"]], state)
             self.save_checkpoint(model, state)
 
+        if count_parameters(model) >= state["parameters_original"]:
+            skipped = sum(1 for record in state["stages"] if record.get("skipped"))
+            undone = sum(1 for record in state["stages"] if record.get("reverted"))
+            note = (f"nothing was cut: of {len(state['stages'])} stage(s), {skipped} kept at least "
+                    f"{config.max_kept_ratio:.0%} of every width (`max_kept_ratio`) and {undone} were undone by the "
+                    "metric-drop rule")
+            state["stop_reason"] = f"{state['stop_reason']}; {note}"
+            logger.warning("%s%s; the saved model has the input model's widths.", note[0].upper(), note[1:])
         return self.finish(model, state)
 
     def initial_state(self) -> Dict[str, Any]:
@@ -377,6 +557,16 @@ class _Run:
         widths, reports = decision.widths, decision.reports
         for name, report in reports.items():
             state["sites"][name] = report.to_dict()
+        few = {name: report for name, report in reports.items() if report.q > 1}
+        if few:
+            logger.warning(
+                "Stage %d: fewer calibration samples than the width at %s (q = width / samples > 1): the Marchenko-"
+                "Pastur edge is unreliable there; pass more calibration data (calibration_fraction, "
+                "max_calibration_examples, calibration_dataset) or count every token as a sample (sample_unit "
+                "'tokens').", index + 1,
+                ", ".join(f"{name} ({r.n_samples} samples, width {r.original_width}, q = {r.q:.2f})"
+                          for name, r in few.items()),
+            )
         worth_it = {
             name: w for name, w in widths.items()
             if w < config.max_kept_ratio * next(s.dim for s in sites if s.name == name)

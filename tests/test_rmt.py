@@ -5,7 +5,6 @@ import math
 import subprocess
 import sys
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -423,15 +422,11 @@ def test_more_nonzero_eigenvalues_than_samples_is_logged(caplog):
 
 
 def test_module_needs_no_torch():
-    # Loaded on its own (the package `__init__` registers torch models), rmt.py must work with numpy/scipy only.
-    path = Path(__file__).resolve().parents[1] / "optimum_rmtkd" / "rmt.py"
+    # `import optimum_rmtkd` is light, so the module loads through its package: numpy/scipy only, no torch.
     code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('rmt', {str(path)!r})\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "sys.modules['rmt'] = module\n"
-        "spec.loader.exec_module(module)\n"
-        "assert module.fit_spectrum([9.0, 1.0, 1.1, 0.9], 1000, 'mp-median').rank == 1\n"
+        "import sys\n"
+        "from optimum_rmtkd import rmt\n"
+        "assert rmt.fit_spectrum([9.0, 1.0, 1.1, 0.9], 1000, 'mp-median').rank == 1\n"
         "assert 'torch' not in sys.modules, 'rmt.py imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
