@@ -19,7 +19,7 @@ from .utils.io import atomic_write_json
 # without importing scipy or transformers; `optimum_rmtkd.rmt` imports `ESTIMATORS` from here.
 ESTIMATORS = ("paper", "mp-median", "gavish-donoho", "kritchman-nadler", "mppca")
 SAMPLE_UNITS = ("tokens", "cls", "mean")
-SITE_KINDS = ("hidden", "ffn", "channels")
+SITE_KINDS = ("hidden", "ffn", "heads", "channels")
 OUTPUT_FORMATS = ("stock", "per-layer")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 METRIC_DROP_ACTIONS = ("stop", "skip")
@@ -112,7 +112,8 @@ class RMTKDConfig:
             calibrate when no calibration set is given (the paper's 10%).
         max_calibration_examples (`int`, *optional*, defaults to 2048): cap on calibration examples.
         sites (`tuple[str]`, *optional*, defaults to `("ffn", "hidden")`): kinds of site to reduce, in the order
-            the stages run (the paper cuts `hidden` first). `channels` is the CNN site kind.
+            the stages run (the paper cuts `hidden` first). `heads` is a decoder's attention heads (whole key/value
+            groups or query heads per group), `channels` the CNN site kind.
         width_multiple (`int`, *optional*, defaults to 8): kept widths are rounded up to this multiple
             (matrix-unit friendly), never above the original width.
         min_width (`int`, *optional*, defaults to 8): no site is reduced below this width.

@@ -17,7 +17,7 @@ from optimum_rmtkd.configuration import _NUMBER_FIELDS, PRESETS
         ({"quantile": 0.0}, r"`quantile` must be in \(0.0, 1.0\), got 0.0."),
         ({"alpha": 1.2}, r"`alpha` must be in \[0.0, 1.0\], got 1.2."),
         ({"sample_unit": "words"}, "`sample_unit` must be one of 'tokens', 'cls', 'mean', got 'words'."),
-        ({"sites": ("ffn", "heads")}, "`sites` must be one of 'hidden', 'ffn', 'channels', got 'heads'."),
+        ({"sites": ("ffn", "attention")}, "`sites` must be one of 'hidden', 'ffn', 'heads', 'channels', got 'attention'."),
         ({"sites": ()}, "`sites` must name at least one site kind"),
         ({"output_format": "onnx"}, "`output_format` must be one of 'stock', 'per-layer', got 'onnx'."),
         ({"temperature": 0}, r"`temperature` must be > 0, got 0.0."),
@@ -54,7 +54,8 @@ def test_bad_values_give_their_message(kwargs, message):
         ({"alpha": False}, "`alpha` must be a number, got bool False."),
         ({"target_reduction": [0.3]}, r"`target_reduction` must be a number or None, got list \[0.3\]."),
         ({"centered": "yes"}, "`centered` must be a bool \\(true or false\\), got str 'yes'"),
-        ({"sites": 3}, "`sites` must be a list or tuple of site kinds from 'hidden', 'ffn', 'channels', got int 3."),
+        ({"sites": 3}, "`sites` must be a list or tuple of site kinds from 'hidden', 'ffn', 'heads', 'channels', got int "
+                       "3."),
     ],
 )
 def test_wrong_types_give_their_message(kwargs, message):
