@@ -9,6 +9,7 @@ a site's writer, norm and reader tables are walked with (`optimum_rmtkd.adapters
 """
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import numpy as np
@@ -224,6 +225,45 @@ def blocks(matrix: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
         out.append(matrix[start : start + size, start : start + size])
         start += size
     return out
+
+
+# --- rotations of a whole residual stream (a pre-RMSNorm decoder's hidden width) --------------------------------------
+@torch.no_grad()
+def rotate_embedding(embedding: nn.Embedding, projection: torch.Tensor) -> nn.Embedding:
+    """A copy of `embedding` whose vectors are projected onto the rows of P (k × dim): E ← E Pᵀ (a writer of a rotated
+    stream, as `rotate_linear_outputs` is for a Linear)."""
+    p = projection.to(device=embedding.weight.device, dtype=torch.float64)
+    new = nn.Embedding(
+        embedding.num_embeddings,
+        p.shape[0],
+        padding_idx=embedding.padding_idx,
+        device=embedding.weight.device,
+        dtype=embedding.weight.dtype,
+    )
+    new.weight.copy_((embedding.weight.double() @ p.T).to(embedding.weight.dtype))
+    return new
+
+
+@torch.no_grad()
+def norm_with_weight(norm: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A copy of a normalisation module (any class whose only parameter is its elementwise `weight`, e.g. an RMSNorm)
+    whose weight is `weight`, of any width, in the old weight's device and dtype.
+
+    Module attributes other than the weight (an RMSNorm's epsilon) are copied unchanged; a model that reads them from
+    its config is rebuilt after the config changes (`optimum_rmtkd.adapters.base.rebuild`).
+    """
+    names = [name for name, _ in norm.named_parameters()]
+    if names != ["weight"]:
+        raise TypeError(
+            f"`norm_with_weight` needs a module whose only parameter is `weight`, got {type(norm).__name__} with "
+            f"parameters {names}."
+        )
+    old = norm.weight
+    new = copy.deepcopy(norm)
+    new.weight = nn.Parameter(
+        weight.detach().to(device=old.device, dtype=old.dtype).clone(), requires_grad=old.requires_grad
+    )
+    return new
 
 
 # --- the table helpers: one call per writer, norm or reader of a site ------------------------------------------------
