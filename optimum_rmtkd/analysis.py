@@ -200,7 +200,8 @@ def analyze_model(
                         collate_fn=task.collator(preprocessor))
     # Only the spectra are needed: the refit statistics (`extra_captures`) that `reduce` would use are skipped.
     points = list({point.key: point for site in sites for point in site.captures}.values())
-    stats = collect_statistics(model, loader, points, sample_unit=config.sample_unit)
+    stats = collect_statistics(model, loader, points, sample_unit=config.sample_unit,
+                               forward_kwargs=task.forward_kwargs())
 
     reports: List[SiteReport] = []
     asked: Dict[str, Dict[str, int]] = {site.name: {} for site in sites}

@@ -6,7 +6,7 @@ sums are all-reduced before any eigendecomposition.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -93,8 +93,12 @@ def collect_statistics(
     sample_unit: str = "tokens",
     accelerator=None,
     device: Optional[torch.device] = None,
+    forward_kwargs: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, SecondMomentAccumulator]:
-    """Run `model` over `batches` (this process's shard) and return the reduced accumulators by capture key."""
+    """Run `model` over `batches` (this process's shard) and return the reduced accumulators by capture key.
+
+    `forward_kwargs` go to every forward pass beside the inputs (the task's, e.g. no key/value cache).
+    """
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
@@ -104,7 +108,7 @@ def collect_statistics(
         for batch in tqdm(batches, desc="Calibrating", disable=disable, leave=False):
             inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             collector.mask = inputs.get("attention_mask")
-            model(**inputs)
+            model(**inputs, **(forward_kwargs or {}))
     model.train(was_training)
     missing = [p.key for p in points if p.key not in collector.accumulators]
     if missing:

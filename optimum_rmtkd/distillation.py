@@ -70,11 +70,11 @@ def train(
         for batch in dataloader:
             with accelerator.accumulate(model):
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
-                outputs = model(**inputs)
+                outputs = model(**inputs, **task.forward_kwargs())
                 teacher_outputs = None
                 if teacher is not None:
                     with torch.no_grad():
-                        teacher_outputs = teacher(**inputs)
+                        teacher_outputs = teacher(**inputs, **task.forward_kwargs())
                 loss = task.loss(outputs, teacher_outputs, batch, config.alpha, config.temperature)
                 accelerator.backward(loss)
                 optimizer.step()

@@ -112,6 +112,7 @@ class LlamaAdapter(Adapter):
     """
 
     model_types = ("llama",)
+    architectures = ("ForCausalLM",)
     layout = DecoderLayout(heads_divide_hidden=True)
 
     # --- reading the structure -------------------------------------------------------------------------------

@@ -23,8 +23,11 @@ from transformers import (
     AutoConfig,
     BertConfig,
     DistilBertConfig,
+    LlamaConfig,
+    MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
+    Qwen2Config,
     ResNetConfig,
     RobertaConfig,
 )
@@ -62,6 +65,9 @@ _BASES: Dict[str, _Base] = {
     "bert": _Base(BertConfig),
     "roberta": _Base(RobertaConfig),
     "distilbert": _Base(DistilBertConfig),
+    "llama": _Base(LlamaConfig),
+    "mistral": _Base(MistralConfig),
+    "qwen2": _Base(Qwen2Config),
     # The heterogeneous-layer format counts layers with `num_hidden_layers`, which ResNet lacks: its layers are the
     # residual blocks of every stage.
     "resnet": _Base(

@@ -141,6 +141,10 @@ class Task(ABC):
         """The `collate_fn` of a `DataLoader` over prepared data."""
 
     # --- training and evaluation ----------------------------------------------------------------------------
+    def forward_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments of every forward pass the run makes (training, calibration), beside the inputs."""
+        return {}
+
     @abstractmethod
     def loss(self, student_out, teacher_out, batch: Dict[str, torch.Tensor], alpha: float,
              temperature: float) -> torch.Tensor:

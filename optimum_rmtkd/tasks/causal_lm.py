@@ -184,6 +184,11 @@ class CausalLMTask(Task):
         return default_data_collator
 
     # --- training and evaluation ----------------------------------------------------------------------------
+    def forward_kwargs(self) -> Dict[str, Any]:
+        """No key/value cache: training, calibration and scoring see whole blocks, so a cache is only built and
+        thrown away."""
+        return {"use_cache": False}
+
     def loss(self, student_out, teacher_out, batch, alpha: float, temperature: float) -> torch.Tensor:
         """Per token: α·CE(next token, student) + (1 − α)·T²·KL(softmax(teacher/T) ‖ softmax(student/T)), each
         the mean over the scored positions (see `shifted_targets`); the CE alone without a teacher, which equals the
@@ -214,7 +219,7 @@ class CausalLMTask(Task):
         for batch in dataloader:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             labels = batch.pop("labels", None)
-            logits = model(**batch, use_cache=False).logits
+            logits = model(**batch, **self.forward_kwargs()).logits
             if labels is not None:
                 batch["labels"] = labels
             logits, targets, mask = shifted_targets(logits, batch)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
@@ -28,6 +29,8 @@ from optimum_rmtkd.tasks.sequence_classification import SequenceClassificationTa
     [("bert", "BertForSequenceClassification", AutoModelForSequenceClassification),
      ("rmtkd_roberta", "RMTKDRobertaForSequenceClassification", AutoModelForSequenceClassification),
      ("distilbert", "DistilBertForSequenceClassification", AutoModelForSequenceClassification),
+     ("llama", "LlamaForCausalLM", AutoModelForCausalLM),
+     ("rmtkd_qwen2", "RMTKDQwen2ForCausalLM", AutoModelForCausalLM),
      ("resnet", "ResNetForImageClassification", AutoModelForImageClassification)],
 )
 def test_each_family_has_the_class_of_each_task_that_maps_it(model_type, architecture, auto_class):
@@ -42,8 +45,8 @@ def test_each_family_has_the_class_of_each_task_that_maps_it(model_type, archite
 
 
 def test_unknown_types_and_architectures_say_what_exists():
-    with pytest.raises(ValueError, match=r"not available for model type 'gpt2'; it is for bert, distilbert, resnet, "
-                                         r"roberta\."):
+    with pytest.raises(ValueError, match=r"not available for model type 'gpt2'; it is for bert, distilbert, llama, "
+                                         r"mistral, qwen2, resnet, roberta\."):
         registered_type_for("gpt2")
     with pytest.raises(ValueError, match=r"no class for architecture 'BertForMaskedLM' of model type 'bert'; it has "
                                          r"BertForSequenceClassification \(one per registered task whose Auto class "
