@@ -114,7 +114,7 @@ def test_checkpoints_of_another_run_are_not_resumed(bert_dir, text_splits, tmp_p
         _compress(bert_dir, text_splits, tmp_path / "out")
     monkeypatch.setattr(compressor_module, "train", real_train)
     other_data = dict(text_splits, train=text_splits["train"].select(range(100)))
-    with pytest.raises(ValueError, match=r"belong to another run \(its identity differ\); pass `resume=False`"):
+    with pytest.raises(ValueError, match=r"belong to another run \(different data\); pass `resume=False`"):
         _compress(bert_dir, other_data, tmp_path / "out")
     # Nothing of the interrupted run was lost.
     assert [p.name for p in (tmp_path / "out.checkpoints").glob("stage-*")] == ["stage-1"]
