@@ -269,13 +269,12 @@ class RMTKDCompressor:
         `AutoTokenizer` builds a tokenizer of special tokens alone from a folder without tokenizer files, so every
         word becomes the unknown token and the run "succeeds" on nothing, then ships that tokenizer."""
         where = f"{self.source!r}" if self.source else "the model's folder"
-        fix = ("pass a folder that holds them beside the model's weights, or save them there "
-               "(`tokenizer.save_pretrained(folder)`), or pass `RMTKDCompressor(model, preprocessor)`.")
         if self.preprocessor is None:
             if self.task.preprocessor_class is not None:
                 raise ValueError(
                     f"`preprocessor` is None, but the {self.task.name} task needs one ({self.task.preprocessor_class}):"
-                    f" {where} has no preprocessor files; {fix}"
+                    f" pass `RMTKDCompressor(model, preprocessor)`, or save it beside the model's weights "
+                    "(`preprocessor.save_pretrained(folder)`) and load both with `RMTKDCompressor.from_pretrained`."
                 )
             return
         unknown_id = getattr(self.preprocessor, "unk_token_id", None)
@@ -288,10 +287,13 @@ class RMTKDCompressor:
         total = sum(len(row) for row in ids)
         unknown = sum(token == unknown_id for row in ids for token in row)
         if total and unknown / total > MAX_UNKNOWN_TOKEN_SHARE:
+            tokenizer = f"The tokenizer of {self.source!r}" if self.source else "The tokenizer (`preprocessor`)"
             raise ValueError(
-                f"`preprocessor` maps {unknown / total:.0%} of the tokens of the first {len(texts)} training texts to "
-                f"{self.preprocessor.unk_token!r} (its vocabulary has {len(self.preprocessor)} tokens, at most "
-                f"{MAX_UNKNOWN_TOKEN_SHARE:.0%} may be unknown): {where} has no tokenizer files; {fix}"
+                f"{tokenizer} maps {unknown / total:.0%} of the tokens of the first {len(texts)} training texts to "
+                f"{self.preprocessor.unk_token!r} (a vocabulary of {len(self.preprocessor)} tokens; at most "
+                f"{MAX_UNKNOWN_TOKEN_SHARE:.0%} may be unknown): {where} has no tokenizer files, or not this model's; "
+                "pass a folder that holds them beside the model's weights, or save them there with "
+                "`tokenizer.save_pretrained(folder)`."
             )
 
 
@@ -469,7 +471,7 @@ class _Run:
         completed = json.loads(path.read_text()).get("completed_stages", 0)
         logger.warning(
             "The run %s after %d completed stage(s); its checkpoints are kept in %r: run the same command again to "
-            "resume from there, or pass `--no-resume` (`resume=False`) to start over (or delete the folder).",
+            "resume from there, or pass `resume=False` (`--no-resume`) to start over (or delete the folder).",
             "was interrupted" if isinstance(error, KeyboardInterrupt) else f"failed ({type(error).__name__})",
             completed, str(self.checkpoints),
         )
@@ -508,11 +510,15 @@ class _Run:
         if count_parameters(model) >= state["parameters_original"]:
             skipped = sum(1 for record in state["stages"] if record.get("skipped"))
             undone = sum(1 for record in state["stages"] if record.get("reverted"))
-            note = (f"nothing was cut: of {len(state['stages'])} stage(s), {skipped} kept at least "
-                    f"{config.max_kept_ratio:.0%} of every width (`max_kept_ratio`) and {undone} were undone by the "
-                    "metric-drop rule")
+            note = (f"nothing was cut: of {len(state['stages'])} stage(s), {skipped} were skipped (a kept width "
+                    f"≥ {config.max_kept_ratio:.0%} of the original) and {undone} were undone (the validation metric "
+                    "dropped too far)")
             state["stop_reason"] = f"{state['stop_reason']}; {note}"
-            logger.warning("%s%s; the saved model has the input model's widths.", note[0].upper(), note[1:])
+            logger.warning(
+                "%s%s; the saved model has the input model's widths: raise `max_kept_ratio` (`--max-kept-ratio`) to "
+                "cut sites that keep most of their width, or `max_metric_drop` (`--max-metric-drop`) to accept a "
+                "larger drop.", note[0].upper(), note[1:],
+            )
         return self.finish(model, state)
 
     def initial_state(self) -> Dict[str, Any]:
@@ -547,7 +553,7 @@ class _Run:
         rss_before = psutil.Process().memory_info().rss
         stats = collect_statistics(
             model, self.calibration_loader, self.adapter.required_captures(sites), sample_unit=config.sample_unit,
-            accelerator=self.accelerator,
+            accelerator=self.accelerator, forward_kwargs=self.task.forward_kwargs(),
         )
         state["calibration_peak_rss_mb"] = max(
             state["calibration_peak_rss_mb"], psutil.Process().memory_info().rss / 2**20
@@ -561,9 +567,9 @@ class _Run:
         if few:
             logger.warning(
                 "Stage %d: fewer calibration samples than the width at %s (q = width / samples > 1): the Marchenko-"
-                "Pastur edge is unreliable there; pass more calibration data (calibration_fraction, "
-                "max_calibration_examples, calibration_dataset) or count every token as a sample (sample_unit "
-                "'tokens').", index + 1,
+                "Pastur edge is unreliable there; pass more calibration data (`calibration_dataset`, "
+                "`calibration_fraction`, `max_calibration_examples`) or count every token as a sample "
+                "(`sample_unit='tokens'`).", index + 1,
                 ", ".join(f"{name} ({r.n_samples} samples, width {r.original_width}, q = {r.q:.2f})"
                           for name, r in few.items()),
             )

@@ -6,6 +6,7 @@ and of the data rows (`weights_fingerprint`, `rows_fingerprint`) that say whose 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -38,15 +39,18 @@ def weights_size(folder) -> Optional[int]:
     return sum(f.stat().st_size for f in files) if files else None
 
 
-def check_stock_shapes(config) -> None:
-    """The stock architecture only checks `hidden % heads` when built: check it before anything is written."""
-    hidden = getattr(config, "hidden_size", getattr(config, "dim", None))
-    heads = getattr(config, "num_attention_heads", getattr(config, "n_heads", None))
-    if hidden is not None and heads and hidden % heads:
+def check_builds(model: nn.Module) -> None:
+    """The saved config must build the model's class again: the stock classes check some shapes only when a model
+    is built (BERT's `hidden % heads` in its attention), so build one on the meta device (no memory, no weights)
+    before anything is written."""
+    try:
+        with torch.device("meta"):
+            type(model)(copy.deepcopy(model.config))
+    except (ValueError, TypeError, RuntimeError) as error:
         raise ValueError(
-            f"The hidden width {hidden} is not divisible by the {heads} attention heads; round widths with "
-            "`num_heads` (this is a bug if it came from RMTKDCompressor)."
-        )
+            f"The compressed config does not build {type(model).__name__} ({' '.join(str(error).split())}); the "
+            "adapter's width rounding should prevent this: please report it."
+        ) from error
 
 
 def _rmtkd_block(report: Dict[str, Any]) -> Dict[str, Any]:
@@ -99,7 +103,7 @@ def save_compressed_model(
     plots: Optional[Callable[[Path], None]] = None,
 ) -> None:
     """Save weights, config (with the `rmtkd` block), tokenizer, run config, report and plots in one atomic step."""
-    check_stock_shapes(model.config)
+    check_builds(model)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         if report is not None:
             model.config.rmtkd = _rmtkd_block(report)
