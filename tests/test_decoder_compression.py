@@ -101,3 +101,14 @@ def test_per_layer_decoder_widths_reload_through_the_registered_type(tmp_path, t
     batch = {"input_ids": torch.randint(3, len(VOCAB), (2, 9))}
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, result.model.eval()(**batch).logits, rtol=0, atol=0)
+
+
+def test_a_config_without_architectures_gets_the_task_its_adapter_describes():
+    # A GGUF file's config names no architecture: the Llama adapter covers `*ForCausalLM`, so text-generation.
+    from transformers import BertConfig
+
+    from optimum_rmtkd.compressor import default_task
+
+    assert default_task(LlamaConfig()).name == "text-generation"
+    assert default_task(MistralConfig(architectures=["MistralForCausalLM"])).name == "text-generation"
+    assert default_task(BertConfig()).name == "text-classification"

