@@ -52,13 +52,16 @@ from transformers.utils import logging
 
 from .energy import NVMLPowerSampler, RAPLReader
 from .exporters.onnx import (
+    DEFAULT_ATOL,
     ONNX_WEIGHTS_NAME,
+    RMTKDValidationError,
     check_optimizer_names,
     default_disabled_optimizers,
     export_onnx,
     load_saved_model,
     model_task,
     ort_session_options,
+    validate_onnx,
 )
 from .utils.import_utils import is_matplotlib_available, require
 from .utils.io import atomic_write_json, atomic_write_text, check_output_folder
@@ -616,13 +619,23 @@ def _source_fingerprint(model_dir: Path) -> dict[str, Any]:
     }
 
 
-def _onnx_model_path(model_dir: Path, cache_dir: Path, *, reuse: bool = True) -> tuple[Path, Optional[dict[str, Any]]]:
+# A reused ONNX file must reproduce the model's logits within this before it is timed: ten times the export's own
+# tolerance, for another machine's or ONNX Runtime version's kernels; another model's export (or a NaN-filled one)
+# is off by far more.
+REUSE_ATOL = 10 * DEFAULT_ATOL
+
+
+def _onnx_model_path(
+    model_dir: Path, cache_dir: Path, *, reuse: bool = True, model: Optional[torch.nn.Module] = None
+) -> tuple[Path, Optional[dict[str, Any]]]:
     """The ONNX file to benchmark for `model_dir`, and the record of its export (`None` when none was made here).
 
-    With `reuse`, `model_dir/model.onnx` or `model_dir/onnx/model.onnx` (where `rmtkd export` writes) is used as it
-    is, and an export cached in `cache_dir` is reused when `cache_dir/source.json` names the same folder with the
-    same files (name, size, modification time), so a cache left by another model, or by an older save of this one,
-    is replaced. When nothing is reused, the model is exported and validated into `cache_dir`.
+    With `reuse`, `model_dir/model.onnx` or `model_dir/onnx/model.onnx` (where `rmtkd export` writes) is used, and an
+    export cached in `cache_dir` is reused when `cache_dir/source.json` names the same folder with the same files
+    (name, size, modification time), so a cache left by another model, or by an older save of this one, is replaced.
+    Either is first checked against `model` (loaded from `model_dir` when not given) by `_reuse_problem`: a file that
+    is not the model's export (another model's, a damaged or truncated one) is named in a warning and not used. When
+    nothing is reused, the model is exported and validated into `cache_dir`.
 
     The record holds the wall time of export + validation (`seconds`), max |Δ| per validated shape, `atol`, `opset`
     and `reused`: `True` when it describes the cached export of an earlier run, whose time it keeps.
@@ -630,14 +643,26 @@ def _onnx_model_path(model_dir: Path, cache_dir: Path, *, reuse: bool = True) ->
     if reuse:
         for own in (model_dir / ONNX_WEIGHTS_NAME, model_dir / "onnx" / ONNX_WEIGHTS_NAME):
             if own.is_file():
-                return own, None
+                problem = _reuse_problem(own, model_dir, model)
+                if problem is None:
+                    return own, None
+                fix = (f"replace it with `rmtkd export {model_dir} --overwrite`" if own.parent.name == "onnx" else
+                       "delete it (`rmtkd export` writes <model>/onnx)")
+                logger.warning(f"Not timing {own}: {problem}; exporting the model again for this run; {fix}.")
+                break
     cached, source_file = cache_dir / ONNX_WEIGHTS_NAME, cache_dir / "source.json"
     fingerprint = _source_fingerprint(model_dir)
     if reuse and cached.is_file() and source_file.is_file():
-        source = json.loads(source_file.read_text())
-        if source.get("fingerprint") == fingerprint and "export" in source:
-            logger.info("Reusing the ONNX export %s.", cached)
-            return cached, {**source["export"], "reused": True}
+        try:
+            source = json.loads(source_file.read_text())
+        except (OSError, ValueError):  # a damaged record: export again
+            source = {}
+        if isinstance(source, dict) and source.get("fingerprint") == fingerprint and "export" in source:
+            problem = _reuse_problem(cached, model_dir, model)
+            if problem is None:
+                logger.info("Reusing the ONNX export %s.", cached)
+                return cached, {**source["export"], "reused": True}
+            logger.warning(f"Not reusing the cached export {cached}: {problem}; exporting the model again.")
     result = export_onnx(model_dir, cache_dir, overwrite=True)
     record = {
         "seconds": result.seconds,
@@ -647,6 +672,24 @@ def _onnx_model_path(model_dir: Path, cache_dir: Path, *, reuse: bool = True) ->
     }
     atomic_write_json(source_file, {"fingerprint": fingerprint, "export": record})
     return result.onnx_path, {**record, "reused": False}
+
+
+def _reuse_problem(onnx_path: Path, model_dir: Path, model: Optional[torch.nn.Module]) -> Optional[str]:
+    """Why `onnx_path` is not `model`'s export, or None: it must pass `onnx.checker`, load in ONNX Runtime and give
+    the model's logits within `REUSE_ATOL` at the task's first validation shape (a swapped, damaged, truncated or
+    NaN-filled file fails)."""
+    if model is None:
+        model = load_saved_model(model_dir)
+    try:
+        validate_onnx(onnx_path, model, atol=REUSE_ATOL, shapes=model_task(model).validation_shapes[:1])
+    except RMTKDValidationError as error:
+        # The validator's own advice (export again, or loosen `atol`) is replaced by the benchmark's.
+        reason = " ".join(str(error).split(";")[0].split())
+        return f"it is not a valid export of the model in {str(model_dir)!r} ({reason})"
+    except Exception as error:  # ONNX Runtime refusing the graph, or inputs the graph does not take
+        reason = " ".join(str(error).split()) or type(error).__name__
+        return f"ONNX Runtime cannot run it for the model in {str(model_dir)!r} ({type(error).__name__}: {reason})"
+    return None
 
 
 def _backend_device(backend: str) -> str:
@@ -820,7 +863,7 @@ def benchmark_models(
             if backend.startswith("onnxruntime") and not onnx_paths:
                 for name in MODEL_NAMES:
                     onnx_paths[name], summaries[name]["onnx_export"] = _onnx_model_path(
-                        dirs[name], Path(onnx_cache_dir) / name, reuse=reuse_onnx
+                        dirs[name], Path(onnx_cache_dir) / name, reuse=reuse_onnx, model=models[name]
                     )
                     summaries[name]["file_size_bytes"]["onnx"] = _files_size(_onnx_files(onnx_paths[name]))
             _benchmark_backend(report, backend, models, onnx_paths, feed_for, batch_sizes, sizes, threads)

@@ -7,9 +7,11 @@ data, and how to load the result. The push goes through `huggingface_hub` only (
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
+from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Optional, Union
 
@@ -34,6 +36,31 @@ CARD_TAGS = ["rmt-kd", "optimum-rmtkd", "compressed", "knowledge-distillation"]
 DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "rmtkd_model_card_template.md"
 # Temporary files of `optimum_rmtkd.utils.io` (`.{name}.{random}.tmp`) must never reach the Hub.
 TEMP_FILE_PATTERNS = [".*.tmp", "*/.*.tmp"]
+# What `push_to_hub` uploads: the files that belong to the model, matched against each path relative to the folder
+# segment by segment (`*` never crosses a `/`, so `*.safetensors` is not `checkpoint-500/model.safetensors`). Anything
+# else stays local and is logged: caches (a benchmark's ONNX exports of the original under `onnx/<name>/`, the
+# `source.json` of absolute local paths beside them), benchmark.json/.png, checkpoints, notes.
+_MODEL_FILES = (
+    # weights and configs
+    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+    # tokenizer, image processor, processor
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "*.model", "tokenizer.model.v*", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
+    # RMT-KD: its config and report, the per-layer modeling code, the card and the table it embeds, the plots
+    "rmtkd_*.json", "modeling_rmtkd.py", CARD_NAME, BENCHMARK_NAME,
+)
+ONNX_DIR = "onnx"
+MODEL_FILE_PATTERNS = (
+    *_MODEL_FILES,
+    "spectra/*.png",
+    # `rmtkd export`'s folder: the graph, its external data, and the files copied beside it.
+    *(f"{ONNX_DIR}/{pattern}" for pattern in ("*.onnx", "*.onnx.data", "*.onnx_data", *_MODEL_FILES)),
+)
+# Never uploaded, even where a pattern above matches: hidden files (the temporary files of `optimum_rmtkd.utils.io`)
+# and the compressor's checkpoint state, which records local paths.
+LOCAL_FILE_PATTERNS = (".*", "*/.*", "rmtkd_state.json", f"{ONNX_DIR}/rmtkd_state.json")
 WEIGHT_FILES = [
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
 ]
@@ -282,7 +309,9 @@ def push_to_hub(
     re-running a push (after a network failure, say) is safe and finishes what is missing. README.md is rewritten
     from the report unless it exists and was not written by optimum-rmtkd (then it is pushed as it is, so a
     hand-written card is never lost). Nothing local is deleted or moved, whatever fails; the authentication is
-    checked (by creating the repository) before README.md is written.
+    checked (by creating the repository) before README.md is written. Only the model's files are uploaded
+    (`model_files`: weights, configs, tokenizer or processor files, `rmtkd_*.json`, modeling code, README.md,
+    benchmark.md, `spectra/*.png` and the `onnx/` export); caches and other files stay local, and a warning names them.
 
     Args:
         model_dir (`str` or `os.PathLike`):
@@ -350,7 +379,6 @@ def push_to_hub(
             f"Upload {report['base_model'].split('/')[-1]} compressed with RMT-KD "
             f"({100 * report['parameters']['reduction']:.1f}% fewer parameters)"
         )
-    ignore_patterns = list(TEMP_FILE_PATTERNS) + ([] if include_onnx else ["onnx/*"])
 
     api = HfApi(endpoint=endpoint.rstrip("/") if endpoint else None, token=token)
     repo_url = _call_hub(
@@ -367,6 +395,10 @@ def push_to_hub(
             api.create_branch, f"creating the branch {revision!r}", api.endpoint, repo_id,
             repo_id=repo_id, branch=revision, exist_ok=True, repo_type="model",
         )
+    upload, left_out = model_files(model_dir, include_onnx=include_onnx)
+    if left_out:
+        shown = ", ".join(left_out[:8]) + (f" and {len(left_out) - 8} more" if len(left_out) > 8 else "")
+        logger.warning(f"Not uploading {shown}: not part of the model (caches, benchmark results, other files).")
     commit = _call_hub(
         api.upload_folder, "uploading the files", api.endpoint, repo_id,
         repo_id=repo_id,
@@ -375,11 +407,37 @@ def push_to_hub(
         commit_message=commit_message,
         revision=revision,
         create_pr=create_pr,
-        ignore_patterns=ignore_patterns,
+        allow_patterns=[glob.escape(path) for path in upload],  # exactly the files chosen, as patterns
+        ignore_patterns=TEMP_FILE_PATTERNS,
     )
     url = commit.pr_url if create_pr and commit.pr_url else commit.commit_url
     logger.info(f"Pushed {model_dir} to {repo_id} on {api.endpoint}: {url}")
     return url
+
+
+def model_files(model_dir: PathLike, *, include_onnx: bool = True) -> tuple[list[str], list[str]]:
+    """The files of `model_dir` that `push_to_hub` uploads (`MODEL_FILE_PATTERNS`, less `LOCAL_FILE_PATTERNS`, less
+    `onnx/` unless `include_onnx`) and those it leaves out, as sorted `/`-separated paths relative to the folder."""
+    model_dir = Path(model_dir)
+    upload, left_out = [], []
+    for path in sorted(model_dir.rglob("*")):
+        if not path.is_file():
+            continue
+        relative = path.relative_to(model_dir).as_posix()
+        keep = (
+            any(_matches(relative, pattern) for pattern in MODEL_FILE_PATTERNS)
+            and not any(_matches(relative, pattern) for pattern in LOCAL_FILE_PATTERNS)
+            and (include_onnx or not relative.startswith(f"{ONNX_DIR}/"))
+        )
+        (upload if keep else left_out).append(relative)
+    # Hidden files (temporary files, .git) are no news: they are left out without a word.
+    return upload, [path for path in left_out if not any(part.startswith(".") for part in path.split("/"))]
+
+
+def _matches(relative: str, pattern: str) -> bool:
+    """`fnmatch` segment by segment: `*` stays within one folder level."""
+    parts, pattern_parts = relative.split("/"), pattern.split("/")
+    return len(parts) == len(pattern_parts) and all(map(fnmatchcase, parts, pattern_parts))
 
 
 def _load_report(model_dir: Path) -> dict[str, Any]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import shutil
 import sys
 import time
 import types
@@ -18,7 +20,7 @@ from _models import NUM_LABELS, save_tiny_bert, save_tiny_resnet
 from optimum_rmtkd import benchmark as benchmark_module
 from optimum_rmtkd.benchmark import BenchmarkReport, BenchmarkSpeedup, benchmark_models, count_flops_per_example
 from optimum_rmtkd.energy import NVMLPowerSampler, RAPLReader
-from optimum_rmtkd.exporters.onnx import ONNXExportResult, load_saved_model
+from optimum_rmtkd.exporters.onnx import ONNXExportResult, export_onnx, load_saved_model
 
 SPEED_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 RESULT_KEYS = {
@@ -444,6 +446,7 @@ def test_onnx_cache_is_reused_only_for_the_same_source(monkeypatch, tmp_path):
         return ONNXExportResult(output_dir / "model.onnx", max_abs_diff={"2x16": 1e-6}, passed=True, seconds=2.5)
 
     monkeypatch.setattr(benchmark_module, "export_onnx", fake_export)
+    monkeypatch.setattr(benchmark_module, "_reuse_problem", lambda *args: None)  # these files are no real graphs
     first, second, cache = tmp_path / "first", tmp_path / "second", tmp_path / "cache"
     for folder in (first, second):
         folder.mkdir()
@@ -463,3 +466,150 @@ def test_onnx_cache_is_reused_only_for_the_same_source(monkeypatch, tmp_path):
     fresh = benchmark_module._onnx_model_path(first, cache, reuse=False)
     assert fresh == (cache / "model.onnx", {**record, "reused": False})
     assert exported == ["first", "second", "second", "first"]
+
+
+# --- a reused ONNX file must be the model's --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair_exports(bert_pair, tmp_path_factory):
+    """Each model of `bert_pair` exported once (unvalidated: the tests compare the files with the models)."""
+    root = tmp_path_factory.mktemp("exports")
+    return {name: export_onnx(folder, root / name, validate=False).onnx_path
+            for name, folder in zip(("original", "compressed"), bert_pair)}
+
+
+@pytest.fixture
+def restore_logging():
+    """`rmtkd_cli.main` configures the package logger with a handler on the stderr of the moment (pytest's capture)."""
+    logger = logging.getLogger("optimum_rmtkd")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+def _copy_model(folder: Path, destination: Path) -> Path:
+    shutil.copytree(folder, destination, ignore=shutil.ignore_patterns("onnx"))
+    return destination
+
+
+@pytest.mark.slow  # two ONNX exports (the fixture), then one small benchmark run
+def test_benchmark_replaces_a_swapped_or_truncated_onnx_file(bert_pair, pair_exports, tmp_path, monkeypatch, capsys,
+                                                             restore_logging):
+    from optimum_rmtkd.commands.rmtkd_cli import main
+
+    original, compressed = _copy_model(bert_pair[0], tmp_path / "original"), _copy_model(bert_pair[1],
+                                                                                        tmp_path / "compressed")
+    (original / "onnx").mkdir()
+    truncated = pair_exports["original"].read_bytes()
+    (original / "onnx" / "model.onnx").write_bytes(truncated[: len(truncated) // 2])
+    (compressed / "onnx").mkdir()
+    shutil.copy(pair_exports["original"], compressed / "onnx" / "model.onnx")  # the other model's export
+    exported = []
+
+    def export_again(model_dir, output_dir, overwrite):
+        # The model's own export, made once by the fixture: what `export_onnx` would write here.
+        name = Path(model_dir).name
+        exported.append(name)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copy(pair_exports[name], Path(output_dir) / "model.onnx")
+        return ONNXExportResult(Path(output_dir) / "model.onnx", max_abs_diff={}, passed=True, seconds=1.0)
+
+    monkeypatch.setattr(benchmark_module, "export_onnx", export_again)
+    output = tmp_path / "bench"
+    main([str(arg) for arg in ["benchmark", "--original", original, "--compressed", compressed, "--backends",
+                               "onnxruntime-cpu", "--batch-sizes", "1", "--sequence-lengths", "8", "--warmup", "0",
+                               "--repeats", "2", "--energy-seconds", "0.01", "-o", output]])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert exported == ["original", "compressed"]
+    # One line each, naming the file, why, and the fix.
+    warnings = [line for line in err.splitlines() if line.startswith("[WARNING] Not timing")]
+    assert [line.split(":")[0] for line in warnings] == [
+        f"[WARNING] Not timing {original / 'onnx' / 'model.onnx'}",
+        f"[WARNING] Not timing {compressed / 'onnx' / 'model.onnx'}",
+    ]
+    assert "(`onnx.checker` rejects" in warnings[0] and "logits differ by max |Δ|" in warnings[1]
+    report = json.loads((output / "benchmark.json").read_text())
+    for name in ("original", "compressed"):
+        assert report["models"][name]["onnx_export"]["reused"] is False  # exported for this run, not the stray file
+    # The files in the model folders are left as they were.
+    assert (compressed / "onnx" / "model.onnx").read_bytes() == pair_exports["original"].read_bytes()
+
+
+@pytest.mark.slow  # two ONNX exports (the fixture)
+def test_a_reused_onnx_file_is_checked_against_the_model(bert_pair, pair_exports, tmp_path, monkeypatch, caplog):
+    exported = []
+
+    def export_again(model_dir, output_dir, overwrite):
+        exported.append(Path(model_dir).name)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copy(pair_exports[Path(model_dir).name], Path(output_dir) / "model.onnx")
+        return ONNXExportResult(Path(output_dir) / "model.onnx", max_abs_diff={}, passed=True, seconds=1.0)
+
+    monkeypatch.setattr(benchmark_module, "export_onnx", export_again)
+    compressed = _copy_model(bert_pair[1], tmp_path / "compressed")
+    model = load_saved_model(compressed)
+    own = compressed / "onnx" / "model.onnx"
+    own.parent.mkdir()
+    cache = tmp_path / "cache"
+    fix = f"exporting the model again for this run; replace it with `rmtkd export {compressed} --overwrite`."
+
+    # Its own export is timed as it is.
+    shutil.copy(pair_exports["compressed"], own)
+    assert benchmark_module._onnx_model_path(compressed, cache, model=model) == (own, None)
+    # Another model's export gives other logits.
+    shutil.copy(pair_exports["original"], own)
+    with caplog.at_level("WARNING", logger="optimum_rmtkd.benchmark"):
+        path, record = benchmark_module._onnx_model_path(compressed, cache, model=model)
+    assert (path, record["reused"]) == (cache / "model.onnx", False)
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert message.startswith(f"Not timing {own}: it is not a valid export of the model in '{compressed}' (ONNX "
+                              "Runtime and PyTorch logits differ by max |Δ| = ")
+    assert message.endswith(fix)
+    # A truncated file is no ONNX graph at all.
+    caplog.clear()
+    own.write_bytes(pair_exports["compressed"].read_bytes()[:5000])
+    with caplog.at_level("WARNING", logger="optimum_rmtkd.benchmark"):
+        benchmark_module._onnx_model_path(compressed, cache, model=model, reuse=True)
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert message.startswith(f"Not timing {own}: it is not a valid export of the model in '{compressed}' "
+                              f"(`onnx.checker` rejects '{own}' (")
+    assert message.endswith(fix)
+    assert exported == ["compressed"]  # the second time, the cache made the first time was checked and reused
+    # A damaged cache is exported again too.
+    caplog.clear()
+    shutil.copy(pair_exports["compressed"], own)
+    (cache / "model.onnx").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="optimum_rmtkd.benchmark"):
+        assert benchmark_module._onnx_model_path(compressed, cache, model=model, reuse=False)[0] == cache / "model.onnx"
+        (cache / "model.onnx").write_bytes(b"")
+        benchmark_module._onnx_model_path(compressed, tmp_path / "unused", model=model)  # its own file: fine
+        own.unlink()
+        benchmark_module._onnx_model_path(compressed, cache, model=model)
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert message.startswith(f"Not reusing the cached export {cache / 'model.onnx'}: it is not a valid export of the "
+                              f"model in '{compressed}' (`onnx.checker` rejects")
+    assert message.endswith("; exporting the model again.")
+    assert exported == ["compressed"] * 3
+
+
+def test_a_reused_onnx_file_at_the_folders_root_or_that_onnx_runtime_refuses(bert_pair, tmp_path, monkeypatch,
+                                                                              caplog):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH :\n This is an invalid model.")
+
+    monkeypatch.setattr(benchmark_module, "validate_onnx", refuse)
+    monkeypatch.setattr(benchmark_module, "export_onnx", lambda model_dir, output_dir, overwrite: ONNXExportResult(
+        output_dir / "model.onnx", seconds=1.0))
+    monkeypatch.setattr(benchmark_module, "atomic_write_json", lambda *args: None)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"graph")
+    with caplog.at_level("WARNING", logger="optimum_rmtkd.benchmark"):
+        benchmark_module._onnx_model_path(folder, tmp_path / "cache", model=load_saved_model(bert_pair[0]))
+    assert [record.getMessage() for record in caplog.records] == [
+        f"Not timing {folder / 'model.onnx'}: ONNX Runtime cannot run it for the model in '{folder}' (RuntimeError: "
+        "[ONNXRuntimeError] : 10 : INVALID_GRAPH : This is an invalid model.); exporting the model again for this run; "
+        "delete it (`rmtkd export` writes <model>/onnx)."
+    ]

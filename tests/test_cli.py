@@ -381,8 +381,8 @@ def test_missing_column_is_one_clear_line(quick_runs):
     proc = quick_runs["missing column"]
     assert proc.returncode == 1
     assert len(proc.stderr.splitlines()) == 1  # --quiet leaves only the error
-    assert "error: `train_dataset` has no column 'review'; its columns are sentence, label." in proc.stderr
-    assert "`--label-column` on the command line" in proc.stderr
+    assert "error: `--dataset` has no column 'review'; its columns are sentence, label." in proc.stderr
+    assert "Pass the right `--text-column`/`--image-column`/`--label-column`." in proc.stderr
     assert not quick_runs["folders"]["out"].exists()
 
 

@@ -100,7 +100,7 @@ def saved_bert(tmp_path_factory) -> Path:
 
 
 def _write_output(folder: Path, report: dict) -> None:
-    """Add what `RMTKDCompressor.compress`, the ONNX exporter and the benchmark write beside the weights."""
+    """Add what `RMTKDCompressor.compress` and the ONNX exporter write beside the weights, and a benchmark table."""
     config = json.loads((folder / "config.json").read_text())
     config["rmtkd"] = {"original_widths": {name: 37 for name in SITES}, "kept_widths": {name: 16 for name in SITES}}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -110,7 +110,6 @@ def _write_output(folder: Path, report: dict) -> None:
     for name in SITES:
         (folder / "spectra" / f"{name}.png").write_bytes(_png())
     (folder / "benchmark.md").write_text(BENCHMARK_MD)
-    (folder / "benchmark.json").write_text(json.dumps({"rows": []}))
     (folder / "onnx").mkdir(exist_ok=True)
     (folder / "onnx" / "model.onnx").write_bytes(b"\x08\x07\x12\x0bdummy-onnx" + bytes(range(256)))
     shutil.copy(folder / "config.json", folder / "onnx" / "config.json")
@@ -417,6 +416,52 @@ def test_push_skips_temporary_files(model_dir, hub):
     assert not [path for path in hub.files(REPO_ID) if path.endswith(".tmp")]
 
 
+def test_push_uploads_only_what_belongs_to_the_model(model_dir, hub, upload_path, caplog):
+    (model_dir / "spectra" / "layer[0]*.png").write_bytes(_png())  # a name that is a pattern: sent as a name
+    model_files = _local_files(model_dir)
+    strays = {
+        # What `benchmark -o <model folder>` used to leave: the original's ONNX export and absolute local paths.
+        "onnx/original/model.onnx": b"another model's graph",
+        "onnx/original/source.json": json.dumps({"fingerprint": {"model_dir": "/home/me/original"}}).encode(),
+        "onnx/source.json": b"{}",
+        "benchmark.json": json.dumps({"models": {"original": {"path": "/home/me/original"}}}).encode(),
+        "benchmark.png": _png(),
+        "checkpoint-500/model.safetensors": b"a trainer's checkpoint",
+        "rmtkd_state.json": json.dumps({"identity": {"source": "/home/me/original"}}).encode(),
+        "notes.txt": b"private",
+        ".cache/huggingface/download/model.lock": b"",
+    }
+    for path, data in strays.items():
+        (model_dir / path).parent.mkdir(parents=True, exist_ok=True)
+        (model_dir / path).write_bytes(data)
+    with caplog.at_level("WARNING", logger="optimum_rmtkd.hub"):
+        push_to_hub(model_dir, REPO_ID, token=TEST_TOKEN, endpoint=hub.url)
+    remote = hub.files(REPO_ID)
+    assert remote.keys() == model_files.keys() | {"README.md"}
+    assert {path: remote[path] for path in model_files} == model_files
+    # One line names what stayed local, hidden files aside.
+    shown = sorted(path for path in strays if not path.startswith("."))
+    assert [record.getMessage() for record in caplog.records if "Not uploading" in record.getMessage()] == [
+        f"Not uploading {', '.join(shown)}: not part of the model (caches, benchmark results, other files)."
+    ]
+
+
+def test_model_files_match_segment_by_segment(tmp_path):
+    from optimum_rmtkd.hub import model_files
+
+    for path in ("model.safetensors", "sub/model.safetensors", "spectra/a[1].png", "spectra/deeper/b.png",
+                 "onnx/model.onnx", "onnx/model.onnx.data", "onnx/tokenizer.json", "onnx/compressed/model.onnx",
+                 "modeling_rmtkd.py", "train.py", ".model.safetensors.x1.tmp"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(b"x")
+    upload, left_out = model_files(tmp_path)
+    assert upload == ["model.safetensors", "modeling_rmtkd.py", "onnx/model.onnx", "onnx/model.onnx.data",
+                      "onnx/tokenizer.json", "spectra/a[1].png"]
+    assert left_out == ["onnx/compressed/model.onnx", "spectra/deeper/b.png", "sub/model.safetensors", "train.py"]
+    assert model_files(tmp_path, include_onnx=False)[0] == ["model.safetensors", "modeling_rmtkd.py",
+                                                           "spectra/a[1].png"]
+
+
 def test_push_keeps_a_readme_not_written_by_optimum_rmtkd(model_dir, hub):
     (model_dir / "README.md").write_text("---\nlicense: mit\n---\n# My own card\n")
     push_to_hub(model_dir, REPO_ID, token=TEST_TOKEN, endpoint=hub.url)
@@ -468,3 +513,21 @@ def test_loopback_hub_answers_unknown_routes_with_501(hub):
     assert info.value.code == 501
     assert json.loads(info.value.read()) == {"error": "The loopback Hub does not implement GET /api/whoami-v2."}
     assert hub.unknown_routes.pop() == "GET /api/whoami-v2"
+
+
+def test_push_command_passes_the_card_metadata_flags(model_dir, hub, tmp_path, monkeypatch):
+    import logging
+
+    from optimum_rmtkd.commands.rmtkd_cli import main
+
+    report = _report(base_model=str(tmp_path / "base"))
+    report["dataset"]["name"] = str(tmp_path / "reviews.csv")
+    (model_dir / "rmtkd_report.json").write_text(json.dumps(report))
+    logger = logging.getLogger("optimum_rmtkd")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))  # `run()` adds its handler; restored after
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    monkeypatch.setattr(logger, "level", logger.level)
+    main(["push", str(model_dir), "--hub-model-id", REPO_ID, "--token", TEST_TOKEN, "--endpoint", hub.url,
+          "--base-model", "org/base", "--datasets", "org/reviews", "--quiet"])
+    card = ModelCard(hub.files(REPO_ID)["README.md"].decode())
+    assert card.data.base_model == "org/base" and card.data.datasets == ["org/reviews"]

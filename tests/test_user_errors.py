@@ -7,9 +7,11 @@ here too, with their argument's name in the same message.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -136,7 +138,8 @@ def test_push_does_not_write_its_card_into_the_base_models_folder(folders, capsy
     (output / "rmtkd_report.json").write_text(json.dumps(report))
     line = _fails(["push", output, "--hub-model-id", "me/model", "--token", "hf_x", "--endpoint",
                    "http://127.0.0.1:9"], capsys)
-    assert line == "error: " + _inside_message("model_dir", output, base.resolve()) + HINT
+    # push_to_hub's `model_dir` is the command's FOLDER argument.
+    assert line == "error: " + _inside_message("folder", output, base.resolve()) + HINT
     assert not (output / "README.md").exists()
 
 
@@ -232,3 +235,256 @@ def test_a_config_file_that_is_not_an_object_is_one_line(folders, capsys):
     line = _fails(["analyze", folders["model"], "--dataset", folders["csv"], "--config", config_file], capsys)
     assert line == (f"error: `--config` '{config_file}' holds a JSON list, not an object of RMTKDConfig fields; pass "
                     f"an rmtkd_config.json written by `rmtkd compress` or `RMTKDConfig.to_json_file`.{HINT}")
+
+
+# --- data files: one line with the fix, before the model loads ------------------------------------------------------
+BROKEN_DATA = {
+    # name: (content, message after "`--dataset` '<path>' ")
+    "empty.csv": (b"", "is empty (0 bytes); pass a CSV file with at least one example."),
+    "binary.csv": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is not UTF-8 text (a NUL byte at offset 8): is it a binary "
+                                                          "file? Pass a CSV file saved as UTF-8."),
+    "latin1.csv": ("text,label\ncafé,1\n".encode("latin-1"),
+                   "is not UTF-8 text (byte b'\\xe9' at offset 14): is it a binary file? Pass a CSV file saved as "
+                   "UTF-8."),
+    "semicolons.csv": (b"text;label\nreview 0;0\nreview 1;1\n",
+                       "reads as one column 'text;label': it looks semicolon-separated, but a .csv file is read "
+                       "comma-separated; save it with commas (.csv) or tabs (.tsv)."),
+    "tabs.csv": (b"text\tlabel\nreview 0\t0\n",
+                 "reads as one column 'text\\tlabel': it looks tab-separated, but a .csv file is read comma-separated; "
+                 "rename it to .tsv."),
+    "commas.tsv": (b"text,label\nreview 0,0\n", "reads as one column 'text,label': it looks comma-separated, but a "
+                                                ".tsv file is read tab-separated; rename it to .csv."),
+    "header.csv": (b"text,label\n", "has no rows (only a header); pass a file with at least one example."),
+    "null.json": (b"null\n", "does not hold JSON objects (it starts with 'n'); pass a JSON list of objects, or JSON "
+                             "Lines (one object per line, .jsonl)."),
+    "empty-list.json": (b"[]", "has no rows; pass a file with at least one example."),
+    "train.xlsx": (b"PK\x03\x04", "has the extension '.xlsx', which is not read; save it as one of .csv, .tsv, .json, "
+                                  ".jsonl, .parquet."),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_DATA))
+def test_a_data_file_that_cannot_be_read_is_one_line_before_the_model_loads(name, folders, capsys, monkeypatch):
+    from optimum_rmtkd.compressor import RMTKDCompressor
+
+    content, message = BROKEN_DATA[name]
+    path = folders["data"] / name
+    path.write_bytes(content)
+    monkeypatch.setattr(RMTKDCompressor, "from_pretrained", _not_called)
+    line = _fails(["compress", folders["model"], "--dataset", path, "-o", folders["tmp"] / "out"], capsys)
+    assert line == f"error: `--dataset` '{path}' {message}{HINT}"
+    assert not (folders["tmp"] / "out").exists()
+
+
+@pytest.mark.parametrize("content", [b'{"text": "a", "label": 1\n', b'[{"text": "a", "label": 1},'])
+def test_broken_json_is_one_line_naming_the_flag(content, folders, capsys):
+    path = folders["data"] / "eval.json"
+    path.write_bytes(content)
+    line = _fails(["compress", folders["model"], "--dataset", folders["csv"], "--eval-dataset", path, "-o",
+                   folders["tmp"] / "out"], capsys)
+    # The parser's own reason sits between the two parts (its words depend on the pyarrow or pandas version).
+    assert line.startswith(f"error: `--eval-dataset` '{path}' is not valid JSON (")
+    assert line.endswith("); fix it: a JSON list of objects, or JSON Lines (one object per line, .jsonl), each with "
+                         f"the same fields.{HINT}")
+
+
+@pytest.mark.parametrize("missing", ["data/train.xlsx", "train.csv", "./splits/train", "a/b/c"])
+def test_a_missing_data_path_is_refused_at_once_without_a_hub_lookup(missing, folders, capsys, monkeypatch):
+    import datasets
+
+    # `datasets.load_dataset("data/train.xlsx")` looks the string up on the Hub: 22 seconds, then an unrelated error.
+    monkeypatch.setattr(datasets, "load_dataset", _not_called)
+    monkeypatch.chdir(folders["tmp"])
+    line = _fails(["analyze", folders["model"], "--dataset", missing], capsys)
+    assert line == (f"error: `--dataset` '{missing}' does not exist; pass an existing csv/tsv/json/jsonl/parquet "
+                    f"file, a dataset folder or a Hub dataset id.{HINT}")
+
+
+def test_load_split_names_the_argument_and_wraps_the_parser_error(tmp_path):
+    from optimum_rmtkd.data import load_split
+
+    path = tmp_path / "train.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=re.escape(f"`train_dataset` '{path}' could not be read as Parquet (")) as info:
+        load_split(str(path), name="train_dataset")
+    assert str(info.value).endswith("); fix the file or write it again.")
+    assert info.value.__cause__ is not None  # the parser's error, for --debug
+
+
+def _not_called(*args, **kwargs):
+    raise AssertionError("called although the data should have been refused first")
+
+
+# --- messages name the flags on the command line --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "verb, message, expected",
+    [
+        ("compress",
+         "`eval_dataset` has class id 7 but the model has `num_labels=2`; for a model whose head is new pass "
+         "`num_labels=8` to `RMTKDCompressor.from_pretrained` (`--num-labels 8`), else fix the labels.",
+         "`--eval-dataset` has class id 7 but the model has `num_labels=2`; for a model whose head is new pass "
+         "`--num-labels 8`, else fix the labels."),
+        ("compress",
+         "`train_dataset` is too small to hold out a validation split; pass `eval_dataset`.",
+         "`--dataset` is too small to hold out a validation split; pass `--eval-dataset`."),
+        ("compress",
+         "The checkpoints in 'out.checkpoints' belong to another run (its config differ); pass `resume=False` "
+         "(`--no-resume`) to start over and replace them, or choose another `save_directory`.",
+         "The checkpoints in 'out.checkpoints' belong to another run (its config differ); pass `--no-resume` to start "
+         "over and replace them, or choose another `--output`."),
+        ("compress",
+         "`test_dataset` has no column 'review'; its columns are text, label. Pass the right "
+         "`text_column`/`image_column`/`label_column`.",
+         "`--test-dataset` has no column 'review'; its columns are text, label. Pass the right "
+         "`--text-column`/`--image-column`/`--label-column`."),
+        ("compress",
+         "`calibration_dataset` has labels 'x' the training data's classes do not include; fix the labels, or load "
+         "the model with a new head (`num_labels`).",
+         "`--calibration-dataset` has labels 'x' the training data's classes do not include; fix the labels, or load "
+         "the model with a new head (`--num-labels`)."),
+        ("compress",
+         "`save_directory` 'out' exists and is not empty; choose another folder or pass `overwrite=True`.",
+         "`--output` 'out' exists and is not empty; choose another folder or pass `--overwrite`."),
+        ("analyze",
+         "`output_dir` 'x' exists and is not empty; choose another folder or pass `overwrite=True`.",
+         "`--output` 'x' exists and is not empty; choose another folder or pass `--overwrite`."),
+        ("push",
+         "The base model '/m' is a local path, so the card has no `base_model` metadata; pass `base_model=` with its "
+         "Hub id to link the model tree.",
+         "The base model '/m' is a local path, so the card has no `base_model` metadata; pass `--base-model` with its "
+         "Hub id to link the model tree."),
+        ("push",
+         "`model_dir` 'x' is missing config.json; push the `save_directory` written by `RMTKDCompressor.compress`.",
+         "`folder` 'x' is missing config.json; push the `--output` written by `rmtkd compress`."),
+        ("push",
+         "`revision` must be None with `create_pr=True` (pull requests open against `main`), got 'dev'.",
+         "`--revision` must be None with `--create-pr` (pull requests open against `main`), got 'dev'."),
+        ("push",
+         "`benchmark` must be a benchmark.md or a folder holding one, got 'b'; pass the `--output` folder of "
+         "`rmtkd benchmark`.",
+         "`--benchmark` must be a benchmark.md or a folder holding one, got 'b'; pass the `--output` folder of "
+         "`rmtkd benchmark`."),
+        ("export",
+         "`fp16=True` needs `device='cuda'`, got `device`='cpu': the CPU execution provider has few float16 kernels.",
+         "`--fp16` needs `--device cuda`, got `--device`='cpu': the CPU execution provider has few float16 kernels."),
+        ("export",
+         "`output_dir` 'm/sub' is the input model 'm', one of its parents or a folder inside it.",
+         "`output` 'm/sub' is the input model 'm', one of its parents or a folder inside it."),
+        ("benchmark",
+         "`original_dir` and `compressed_dir` must hold models of the same task, got 'a' and 'b'.",
+         "`--original` and `--compressed` must hold models of the same task, got 'a' and 'b'."),
+        ("benchmark",
+         "`sequence_lengths` must not exceed the original model's limit (64), got (32, 128).",
+         "`--sequence-lengths` must not exceed the original model's limit (64), got (32, 128)."),
+    ],
+)
+def test_library_messages_name_the_flags_on_the_command_line(verb, message, expected):
+    from optimum_rmtkd.commands.base import cli_message
+    from optimum_rmtkd.commands.rmtkd_cli import VERBS
+
+    (command,) = [command for command in VERBS if command.COMMAND.name == verb]
+    assert cli_message(message, command.API_FLAGS) == expected
+
+
+def _csv(path: Path, labels) -> Path:
+    path.write_text("text,label\n" + "".join(f"review {i},{label}\n" for i, label in enumerate(labels)))
+    return path
+
+
+def test_errors_that_reach_the_command_line_name_flags(folders, capsys):
+    small = _csv(folders["data"] / "small.csv", [0, 1, 0, 1, 0])
+    # These fail once the model is loaded: --quiet leaves the error alone on stderr.
+    line = _fails(["compress", folders["model"], "--dataset", small, "-o", folders["tmp"] / "out", "--quiet"], capsys)
+    assert line == f"error: `--dataset` is too small to hold out a validation split; pass `--eval-dataset`.{HINT}"
+    line = _fails(["compress", folders["model"], "--dataset", folders["csv"], "--text-column", "review", "-o",
+                   folders["tmp"] / "out", "--quiet"], capsys)
+    assert line.startswith("error: `--dataset` has no column 'review'; its columns are text, label.")
+    assert "`--text-column`/`--image-column`/`--label-column`" in line and "_column" not in line
+
+
+def test_warnings_on_the_command_line_name_flags(capsys):
+    from optimum_rmtkd.commands.base import configure_logging
+    from optimum_rmtkd.commands.push import PushCommand
+
+    configure_logging(quiet=False, debug=False, api_flags=PushCommand.API_FLAGS)
+    logging.getLogger("optimum_rmtkd.hub").warning("pass `base_model=` with its Hub id")
+    assert capsys.readouterr().err == "[WARNING] pass `--base-model` with its Hub id\n"
+
+
+# --- a trained head, the input limit --------------------------------------------------------------------------------
+def test_num_labels_on_a_trained_head_is_refused_before_loading(folders, capsys, monkeypatch):
+    from optimum_rmtkd.compressor import RMTKDCompressor
+
+    monkeypatch.setattr(RMTKDCompressor, "from_pretrained", _not_called)
+    line = _fails(["compress", folders["model"], "--dataset", folders["csv"], "--num-labels", "5", "-o",
+                   folders["tmp"] / "out"], capsys)
+    assert line == ("error: `--num-labels` is 5, but the model's head (BertForSequenceClassification) has 3 labels; "
+                    "--num-labels only sizes a new head: drop it, or start from the base encoder (a checkpoint "
+                    f"without a task head).{HINT}")
+
+
+def test_num_labels_sizes_a_new_head_and_may_repeat_a_trained_ones():
+    from transformers import BertConfig
+
+    from optimum_rmtkd.commands.base import check_num_labels
+
+    check_num_labels(5, BertConfig(architectures=["BertModel"]))  # no head yet: --num-labels sizes it
+    check_num_labels(3, BertConfig(architectures=["BertForSequenceClassification"], num_labels=3))
+    check_num_labels(None, BertConfig(architectures=["BertForSequenceClassification"], num_labels=3))
+
+
+def test_max_length_above_the_models_limit_is_clamped_with_one_warning(folders, capsys):
+    # Texts longer than the model's 64 positions: truncated to 100000 tokens they would index past the position table.
+    long_texts = folders["data"] / "long.csv"
+    long_texts.write_text("text,label\n" + "".join(f"{' '.join(['w1'] * 200)},{i % 2}\n" for i in range(20)))
+    main([str(arg) for arg in ["analyze", folders["model"], "--dataset", long_texts, "--max-length", "100000",
+                               "--sites", "ffn"]])
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if "max-length" in line] == [
+        "[WARNING] `--max-length` 100000 is above the model's limit of 64 tokens (`max_position_embeddings`); texts "
+        "are truncated to 64 tokens."
+    ]
+    assert not [line for line in lines if "Traceback" in line or line.startswith("error")]
+
+
+def test_the_default_max_length_is_clamped_without_a_word():
+    from transformers import BertConfig
+
+    from optimum_rmtkd.commands.base import clamp_max_length
+
+    config = RMTKDConfig()
+    assert config.max_length == 128
+    assert clamp_max_length(config, "text-classification", BertConfig(max_position_embeddings=64)).max_length == 64
+    assert clamp_max_length(config, "text-classification", BertConfig(max_position_embeddings=512)) is config
+
+
+# --- a full disk ----------------------------------------------------------------------------------------------------
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_no_temporary_files(folders, capsys, monkeypatch):
+    output = folders["tmp"] / "spectra"
+    monkeypatch.setattr(os, "fsync", _no_space)  # every atomic write syncs its file before moving it into place
+    line = _fails(["analyze", folders["model"], "--dataset", folders["csv"], "--sites", "ffn", "--no-plots", "-o",
+                   output], capsys)
+    assert line == (f"error: No space left on the device while writing '{output}'; the partial write was removed: "
+                    f"free space on that disk, or choose an output folder on another disk.{HINT}")
+    assert sorted(path.name for path in folders["tmp"].iterdir()) == ["data", "models"]
+
+
+def test_atomic_writes_on_a_full_disk(tmp_path, monkeypatch):
+    from optimum_rmtkd.utils.io import RMTKDDiskFullError, atomic_directory, atomic_write_json
+
+    (tmp_path / "kept.json").write_text("{}")
+    monkeypatch.setattr(os, "fsync", _no_space)
+    message = "No space left on the device while writing '{}'; the partial write was removed: free space on that " \
+              "disk, or choose an output folder on another disk."
+    with pytest.raises(RMTKDDiskFullError, match=re.escape(message.format(tmp_path / "kept.json"))) as info:
+        atomic_write_json(tmp_path / "kept.json", {"new": True})
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+    with pytest.raises(RMTKDDiskFullError, match=re.escape(message.format(tmp_path / "model"))):
+        with atomic_directory(tmp_path / "model") as folder:
+            atomic_write_json(folder / "config.json", {})
+    assert [path.name for path in tmp_path.iterdir()] == ["kept.json"]
+    assert (tmp_path / "kept.json").read_text() == "{}"

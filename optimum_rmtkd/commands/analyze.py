@@ -10,16 +10,20 @@ from ..utils.io import check_output_folder
 
 from .base import (
     ANALYSIS_FIELDS,
+    DATA_API_FLAGS,
     RMTKDBaseCommand,
     add_common_arguments,
     add_config_arguments,
     add_dataset_column_arguments,
     add_model_argument,
     check_dataset_source,
+    clamp_max_length,
     config_from_args,
     describe,
+    load_model_config,
     model_from_args,
     model_load_error,
+    read_dataset_file,
     task_from_args,
 )
 
@@ -32,6 +36,7 @@ EXAMPLES = """examples:
 
 class AnalyzeCommand(RMTKDBaseCommand):
     COMMAND = CommandInfo(name="analyze", help="Show the spectrum of every site and what each estimator would keep.")
+    API_FLAGS = {**DATA_API_FLAGS, "output_dir": "--output"}
 
     @staticmethod
     def parse_args(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +79,8 @@ class AnalyzeCommand(RMTKDBaseCommand):
         from .. import modeling  # noqa: F401
 
         task = task_from_args(args, model_id)
+        config = clamp_max_length(config, task, load_model_config(model_id))
+        read_dataset_file(args.dataset, "--dataset")
 
         from ..analysis import analyze_model
         from ..tasks import get_task

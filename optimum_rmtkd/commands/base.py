@@ -12,13 +12,14 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import textwrap
 import warnings
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from optimum.commands.base import BaseOptimumCLICommand
 
@@ -35,7 +36,8 @@ from ..configuration import (
     RMTKDConfig,
 )
 
-DATASET_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+
+logger = logging.getLogger(__name__)
 
 # Errors a user can fix from the message alone: shown as one line, without a traceback unless `--debug`.
 USER_ERRORS = (ValueError, TypeError, FileExistsError, OSError, ImportError, RuntimeError)
@@ -48,8 +50,12 @@ class RMTKDBaseCommand(BaseOptimumCLICommand):
     exceptions nor returns an exit code, so errors are turned into a message and `SystemExit(1)` here.
     """
 
+    # The library's argument names that this verb's messages may name, and what the user types instead (see
+    # `cli_message`); each verb extends `COMMON_API_FLAGS`.
+    API_FLAGS: Mapping[str, Optional[str]] = {}
+
     def run(self) -> None:
-        configure_logging(quiet=self.args.quiet, debug=self.args.debug)
+        configure_logging(quiet=self.args.quiet, debug=self.args.debug, api_flags=self.API_FLAGS)
         try:
             self.execute()
         except KeyboardInterrupt:
@@ -61,13 +67,79 @@ class RMTKDBaseCommand(BaseOptimumCLICommand):
             if self.args.debug:
                 raise
             # One line: transformers and datasets wrap lines in their messages.
-            message = " ".join(str(error).split()) or type(error).__name__
+            message = cli_message(" ".join(str(error).split()) or type(error).__name__, self.API_FLAGS)
             print(f"error: {message} (run with --debug to see the traceback)", file=sys.stderr)
             raise SystemExit(1)
 
     @abstractmethod
     def execute(self) -> None:
         """Do the command's work with `self.args`; raise an exception from `USER_ERRORS` for a user's mistake."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Library messages, as a command-line user reads them
+# --------------------------------------------------------------------------------------------------------------------
+# The library's messages name its API (`eval_dataset`, `num_labels=8`, `save_directory`): the fix a user of the API
+# needs. On the command line the same messages reach a user who types flags, so every error and log line of a verb
+# goes through `cli_message` with the verb's table: API name -> what to type. A key `name` also rewrites `name=value`
+# (`num_labels=8` -> `--num-labels 8`); a key `name=` rewrites only that form (bare `base_model` is a card field, not
+# the argument); a key with its value (`resume=False`) names a switch; `None` drops the API callable and the "to" before
+# it (the command calls it). RMTKDConfig fields are not listed: they are the names of rmtkd_config.json too.
+COMMON_API_FLAGS: Dict[str, Optional[str]] = {
+    "RMTKDCompressor.from_pretrained": None,
+    "RMTKDCompressor.compress": "rmtkd compress",
+    "overwrite=True": "--overwrite",
+}
+DATA_API_FLAGS: Dict[str, Optional[str]] = {
+    **COMMON_API_FLAGS,
+    "train_dataset": "--dataset",
+    "dataset": "--dataset",
+    "eval_dataset": "--eval-dataset",
+    "test_dataset": "--test-dataset",
+    "calibration_dataset": "--calibration-dataset",
+    "text_column": "--text-column",
+    "text_pair_column": "--text-pair-column",
+    "image_column": "--image-column",
+    "label_column": "--label-column",
+    "task": "--task",
+}
+_API_SPAN = re.compile(r"(?P<to>\s+(?:to|of)\s+)?`(?P<span>[^`\n]+)`")
+# A parenthesis that only repeats the flags just before it, as in "pass `x=1` (`--x 1`)" once `x=1` is rewritten.
+_RESTATED = re.compile(r"(?P<flags>`[^`\n]+`(?:/`[^`\n]+`)*) \((?P=flags)(?: on the command line)?\)")
+
+
+def cli_message(message: str, api_flags: Mapping[str, Optional[str]]) -> str:
+    """`message` with the API names of `api_flags` rewritten as the flags a command-line user types.
+
+    A `name=value` span right after "has" describes a model ("the model has `num_labels=2`") and is kept.
+    """
+
+    def rewrite(match: "re.Match[str]") -> str:
+        span, to = match.group("span"), match.group("to") or ""
+        if span in api_flags:
+            flag = api_flags[span]
+            return "" if flag is None else f"{to}`{flag}`"
+        name, equals, value = span.partition("=")
+        if not equals or message[:match.start("span") - 1].endswith("has "):
+            return match.group(0)
+        flag = api_flags.get(name, api_flags.get(f"{name}="))
+        if flag is None or not re.fullmatch(r"\w+", name):
+            return match.group(0)
+        value = value.strip("'\"")
+        return f"{to}`{flag}{' ' + value if value else ''}`"
+
+    return _RESTATED.sub(r"\g<flags>", _API_SPAN.sub(rewrite, message))
+
+
+class _CLIFormatter(logging.Formatter):
+    """`[LEVEL] message`, with the verb's API names rewritten as flags (`cli_message`)."""
+
+    def __init__(self, api_flags: Mapping[str, Optional[str]]):
+        super().__init__("[%(levelname)s] %(message)s")
+        self.api_flags = api_flags
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return cli_message(super().formatMessage(record), self.api_flags)
 
 
 def describe(
@@ -98,8 +170,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def configure_logging(quiet: bool, debug: bool) -> None:
-    """Route optimum-rmtkd's log lines to stderr (INFO by default: the stages of a run) and quiet the libraries."""
+def configure_logging(quiet: bool, debug: bool, api_flags: Optional[Mapping[str, Optional[str]]] = None) -> None:
+    """Route optimum-rmtkd's log lines to stderr (INFO by default: the stages of a run) and quiet the libraries.
+
+    The lines name flags, not API arguments: `api_flags` is the verb's table of `cli_message`.
+    """
     import datasets
     import huggingface_hub
     from transformers.utils import logging as hf_logging
@@ -109,9 +184,13 @@ def configure_logging(quiet: bool, debug: bool) -> None:
     package_logger.setLevel(level)
     if not package_logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+        handler.setFormatter(_CLIFormatter(api_flags or {}))
         package_logger.addHandler(handler)
         package_logger.propagate = False
+    else:
+        for handler in package_logger.handlers:
+            if isinstance(handler.formatter, _CLIFormatter):
+                handler.formatter.api_flags = api_flags or {}
     if quiet:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -189,31 +268,79 @@ def model_load_error(model: str, error: OSError) -> OSError:
     )
 
 
+def load_model_config(model: str):
+    """The model's `PretrainedConfig` (config.json only, no weights), or the error `model_load_error` words."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model)
+    except OSError as error:
+        raise model_load_error(model, error) from error
+
+
 def task_from_args(args: argparse.Namespace, model: str) -> str:
     """`--task`, or the task detected from the model's config (`optimum_rmtkd.tasks.get_task`: its architectures)."""
     if args.task is not None:
         return args.task
-    from transformers import AutoConfig
-
     from ..tasks import get_task
 
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except OSError as error:
-        raise model_load_error(model, error) from error
-    return get_task(config).name
+    return get_task(load_model_config(model)).name
+
+
+def check_num_labels(num_labels: Optional[int], model_config) -> None:
+    """`--num-labels` sizes a new task head only: on a checkpoint whose head is trained (its architecture is a
+    `*For*Classification`) another count would end in transformers' size-mismatch error after loading."""
+    if num_labels is None:
+        return
+    heads = [name for name in (model_config.architectures or []) if re.fullmatch(r"\w+For\w*Classification", name)]
+    if heads and num_labels != model_config.num_labels:
+        raise ValueError(
+            f"`--num-labels` is {num_labels}, but the model's head ({heads[0]}) has {model_config.num_labels} labels; "
+            "--num-labels only sizes a new head: drop it, or start from the base encoder (a checkpoint without a "
+            "task head)."
+        )
+
+
+def clamp_max_length(config: RMTKDConfig, task: str, model_config) -> RMTKDConfig:
+    """`config` with `max_length` at most the model's input limit (`Task.max_size`, `max_position_embeddings` for
+    text): a longer input would index past the position table.
+
+    Clamped rather than refused: the length is a cap on truncation, so the model's limit is what a larger value asks
+    for, and the default (128) must run on models built for shorter inputs. A value the user gave is clamped with a
+    warning that names the limit; the default is clamped silently.
+    """
+    from ..tasks import get_task
+
+    limit = get_task(task).max_size(model_config)
+    if limit is None or config.max_length <= limit:
+        return config
+    if config.max_length != _CONFIG_DEFAULTS["max_length"]:
+        logger.warning(
+            f"`--max-length` {config.max_length} is above the model's limit of {limit} tokens "
+            f"(`max_position_embeddings`); texts are truncated to {limit} tokens."
+        )
+    return dataclasses.replace(config, max_length=limit)
 
 
 def check_dataset_source(source: Optional[str], flag: str) -> None:
-    """A local dataset file must exist: a missing `train.csv` would otherwise be looked up on the Hub as an id."""
+    """Fail at once on a dataset path that does not exist (it would be looked up on the Hub as an id, for seconds)
+    or a file with an extension no reader takes (`optimum_rmtkd.data.check_data_source`); reads nothing."""
+    if source is not None:
+        from ..data import check_data_source
+
+        check_data_source(source, flag)
+
+
+def read_dataset_file(source: Optional[str], flag: str) -> None:
+    """Read a local dataset file before the model loads, so that one that is empty, binary, broken, read with the
+    wrong delimiter or without rows fails in seconds with its flag named (`optimum_rmtkd.data.load_split`; `datasets`
+    caches what it read for the run). Hub ids and folders are read by the run itself."""
     if source is None:
         return
-    path = Path(source).expanduser()
-    if path.suffix.lower() in DATASET_FILE_SUFFIXES and not path.is_file():
-        raise ValueError(
-            f"`{flag}` {source!r} does not exist; pass an existing csv/tsv/json/jsonl/parquet file, a dataset folder "
-            "or a Hub dataset id."
-        )
+    from ..data import check_data_source, load_split
+
+    if check_data_source(source, flag) is not None:
+        load_split(source, name=flag)
 
 
 def add_dataset_column_arguments(parser: argparse.ArgumentParser, labels: bool = True) -> None:

@@ -8,7 +8,7 @@ from optimum.commands.base import CommandInfo
 
 from ..utils.io import check_output_folder
 
-from .base import RMTKDBaseCommand, add_common_arguments, describe
+from .base import COMMON_API_FLAGS, RMTKDBaseCommand, add_common_arguments, describe
 
 BACKENDS = ("pytorch", "pytorch-cuda", "onnxruntime-cpu", "onnxruntime-cuda")
 
@@ -20,6 +20,13 @@ EXAMPLES = """examples:
 
 class BenchmarkCommand(RMTKDBaseCommand):
     COMMAND = CommandInfo(name="benchmark", help="Time a compressed model against its original, in one process.")
+    API_FLAGS = {
+        **COMMON_API_FLAGS, "original_dir": "--original", "compressed_dir": "--compressed", "output_dir": "--output",
+        "onnx_cache_dir": "--onnx-cache-dir", "backends": "--backends", "batch_sizes": "--batch-sizes",
+        "sequence_lengths": "--sequence-lengths", "image_sizes": "--image-sizes", "warmup": "--warmup",
+        "repeats": "--repeats", "threads": "--threads", "energy_seconds": "--energy-seconds",
+        "ort_disabled_optimizers": "--ort-disabled-optimizers", "seed": "--seed",
+    }
 
     @staticmethod
     def parse_args(parser: argparse.ArgumentParser) -> None:

@@ -9,17 +9,22 @@ from optimum.commands.base import CommandInfo
 from ..utils.io import check_output_folder
 
 from .base import (
+    DATA_API_FLAGS,
     RMTKDBaseCommand,
     add_common_arguments,
     add_config_arguments,
     add_dataset_column_arguments,
     add_model_argument,
     check_dataset_source,
+    check_num_labels,
+    clamp_max_length,
     config_from_args,
     defaults_text,
     describe,
+    load_model_config,
     model_from_args,
     model_load_error,
+    read_dataset_file,
     task_from_args,
 )
 
@@ -35,6 +40,15 @@ EXAMPLES = """examples:
 
 class CompressCommand(RMTKDBaseCommand):
     COMMAND = CommandInfo(name="compress", help="Compress a model with RMT-KD and save it (optionally push it).")
+    API_FLAGS = {
+        **DATA_API_FLAGS,
+        "save_directory": "--output",
+        "model_dir": "--output",
+        "num_labels": "--num-labels",
+        "resume=False": "--no-resume",
+        "base_model=": "--base-model",
+        "repo_id": "--hub-model-id",
+    }
 
     @staticmethod
     def parse_args(parser: argparse.ArgumentParser) -> None:
@@ -83,13 +97,17 @@ class CompressCommand(RMTKDBaseCommand):
                          help="Repository to push to, `namespace/name` (default: the output folder's name under "
                               "the token's user).")
         hub.add_argument("--private", action="store_true", help="Create the repository as private (default: off).")
+        hub.add_argument("--base-model", default=None,
+                         help="Hub id of the uncompressed model for the card's metadata, when MODEL is a local folder "
+                              "(default: MODEL when it is a Hub id, else none).")
         add_common_arguments(parser)
 
     def execute(self) -> None:
         args = self.args
         model = model_from_args(args)
-        for flag, source in (("--dataset", args.dataset), ("--eval-dataset", args.eval_dataset),
-                             ("--test-dataset", args.test_dataset), ("--calibration-dataset", args.calibration_dataset)):
+        data = (("--dataset", args.dataset), ("--eval-dataset", args.eval_dataset),
+                ("--test-dataset", args.test_dataset), ("--calibration-dataset", args.calibration_dataset))
+        for flag, source in data:
             check_dataset_source(source, flag)
         # The output folder is replaced as a whole: it must hold neither the model nor the data.
         check_output_folder(args.output, [model], overwrite=args.overwrite, name="--output")
@@ -103,6 +121,12 @@ class CompressCommand(RMTKDBaseCommand):
         from .. import modeling  # noqa: F401
 
         task = task_from_args(args, model)
+        # What config.json says is checked before the weights load: a trained head's label count, the input limit.
+        model_config = load_model_config(model)
+        check_num_labels(args.num_labels, model_config)
+        config = clamp_max_length(config, task, model_config)
+        for flag, source in data:
+            read_dataset_file(source, flag)
 
         from ..analysis import format_table
         from ..compressor import RMTKDCompressor
@@ -144,7 +168,7 @@ class CompressCommand(RMTKDBaseCommand):
 
             repo_id = args.hub_model_id or Path(args.output).resolve().name
             try:
-                url = push_to_hub(result.save_directory, repo_id, private=args.private)
+                url = push_to_hub(result.save_directory, repo_id, private=args.private, base_model=args.base_model)
             except RMTKDHubError as error:
                 # The compression is done and saved: say so, and how to push without compressing again.
                 raise RMTKDHubError(

@@ -7,7 +7,7 @@ from pathlib import Path
 from optimum.commands.base import CommandInfo
 
 from ..utils.io import check_output_folder
-from .base import RMTKDBaseCommand, add_common_arguments, describe
+from .base import COMMON_API_FLAGS, RMTKDBaseCommand, add_common_arguments, describe
 
 EXAMPLES = """examples:
   rmtkd export minilm-rmtkd                      # writes minilm-rmtkd/onnx, which `rmtkd push` uploads
@@ -17,6 +17,11 @@ EXAMPLES = """examples:
 
 class ExportCommand(RMTKDBaseCommand):
     COMMAND = CommandInfo(name="export", help="Export a saved model to ONNX and validate it with ONNX Runtime.")
+    API_FLAGS = {
+        **COMMON_API_FLAGS, "output_dir": "output", "opset": "--opset", "atol": "--atol",
+        "optimization_level": "--optimization-level", "fp16=True": "--fp16", "device": "--device",
+        "validate=False": "--no-validate",
+    }
 
     @staticmethod
     def parse_args(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from optimum.commands.base import CommandInfo
 
-from .base import RMTKDBaseCommand, add_common_arguments, describe
+from .base import COMMON_API_FLAGS, RMTKDBaseCommand, add_common_arguments, describe
 
 EXAMPLES = """examples:
   rmtkd push minilm-rmtkd --hub-model-id me/minilm-rmtkd --benchmark bench
@@ -17,6 +17,12 @@ EXAMPLES = """examples:
 
 class PushCommand(RMTKDBaseCommand):
     COMMAND = CommandInfo(name="push", help="Push an output folder to the Hub with its model card.")
+    API_FLAGS = {
+        **COMMON_API_FLAGS, "model_dir": "folder", "save_directory": "--output", "repo_id": "--hub-model-id",
+        "base_model=": "--base-model", "datasets=": "--datasets", "benchmark": "--benchmark",
+        "revision": "--revision", "create_pr=True": "--create-pr", "include_onnx=False": "--no-onnx",
+        "commit_message": "--commit-message", "token": "--token", "endpoint": "--endpoint",
+    }
 
     @staticmethod
     def parse_args(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +47,12 @@ class PushCommand(RMTKDBaseCommand):
         parser.add_argument("--benchmark", default=None, metavar="BENCHMARK_MD",
                             help="A benchmark.md, or the --output folder of `rmtkd benchmark`, whose table goes in "
                                  "the card (default: <folder>/benchmark.md when present).")
+        parser.add_argument("--base-model", default=None,
+                            help="Hub id of the uncompressed model for the card's metadata, needed when the report "
+                                 "names a local folder (default: the report's base model when it is a Hub id).")
+        parser.add_argument("--datasets", nargs="+", default=None, metavar="DATASET_ID",
+                            help="Hub ids of the data for the card's metadata (default: the report's dataset when it "
+                                 "is a Hub id).")
         parser.add_argument("--no-onnx", action="store_true",
                             help="Leave the onnx/ export out of the upload and of the card (default: include it).")
         parser.add_argument("--commit-message", default=None,
@@ -59,6 +71,7 @@ class PushCommand(RMTKDBaseCommand):
         url = push_to_hub(
             args.folder, repo_id, private=args.private, token=args.token, endpoint=args.endpoint,
             commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr,
-            include_onnx=not args.no_onnx, benchmark=args.benchmark,
+            include_onnx=not args.no_onnx, benchmark=args.benchmark, base_model=args.base_model,
+            datasets=args.datasets,
         )
         print(f"Pushed {args.folder} to {url}")

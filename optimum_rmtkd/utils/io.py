@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -10,6 +11,31 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
+
+# A full disk, or a full quota: the user frees space or writes elsewhere.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class RMTKDDiskFullError(OSError):
+    """A write ran out of space; the message names the folder and the fix, `__cause__` keeps the system's error."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+def _disk_full(error: BaseException, target: Path) -> Optional[RMTKDDiskFullError]:
+    """The one-line error for `error` when it is a full disk (or quota) while writing `target`, else None.
+
+    A full disk met inside `atomic_directory` (already an `RMTKDDiskFullError` naming a temporary file) is named
+    again after the folder being written.
+    """
+    if not (isinstance(error, OSError) and error.errno in _NO_SPACE):
+        return None
+    return RMTKDDiskFullError(
+        f"No space left on the device while writing {str(target)!r}; the partial write was removed: free space on "
+        "that disk, or choose an output folder on another disk."
+    )
 
 
 def _umask_mode(directory: bool) -> int:
@@ -22,8 +48,14 @@ def _umask_mode(directory: bool) -> int:
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and `os.replace` it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:  # no room even for an empty file (no free inode, a full quota)
+        full = _disk_full(error, path)
+        if full is not None:
+            raise full from error
+        raise
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -31,9 +63,12 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, _umask_mode(directory=False))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        full = _disk_full(error, path)
+        if full is not None:
+            raise full from error
         raise
 
 
@@ -114,7 +149,8 @@ def atomic_directory(final_dir: PathLike, overwrite: bool = False) -> Iterator[P
     """Yield a temporary folder beside `final_dir` that replaces it only when the block succeeds.
 
     A reader never sees a half-written model folder; with `overwrite=False` an existing, non-empty `final_dir`
-    is an error rather than silently replaced.
+    is an error rather than silently replaced. A full disk (or quota) while the block writes is an
+    `RMTKDDiskFullError` naming the folder, and the temporary folder is removed.
     """
     final_dir = Path(final_dir)
     if final_dir.exists() and any(final_dir.iterdir()) and not overwrite:
@@ -134,6 +170,9 @@ def atomic_directory(final_dir: PathLike, overwrite: bool = False) -> Iterator[P
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp_dir, final_dir)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        full = _disk_full(error, final_dir)
+        if full is not None:
+            raise full from error
         raise
