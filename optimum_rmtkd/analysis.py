@@ -192,7 +192,7 @@ def analyze_model(
     groups = adapter.stages(model, config)
     sites = [site for group in groups for site in group]
     columns = Columns(text=text_column, text_pair=text_pair_column, image=image_column, label=None)
-    data = load_split(dataset, "train")
+    data = load_split(dataset, "train", name="dataset")
     # The same seeded subset `compress` draws (it shuffles the tokenised split, which has the same rows and order).
     subset = calibration_subset(data, config.calibration_fraction, config.max_calibration_examples, config.seed)
     inputs = task.inputs(subset, preprocessor, columns, config.max_length, "dataset")

@@ -211,9 +211,9 @@ class RMTKDCompressor:
         self._check_save_directory(save_directory, overwrite)
         set_seed(config.seed)
 
-        train_ds = load_split(train_dataset, "train")
+        train_ds = load_split(train_dataset, "train", name="train_dataset")
         self._check_preprocessor(train_ds, text_column)
-        eval_ds = load_split(eval_dataset, "validation") if eval_dataset is not None else None
+        eval_ds = load_split(eval_dataset, "validation", name="eval_dataset") if eval_dataset is not None else None
         if eval_ds is None:
             if len(train_ds) < 10:
                 raise ValueError("`train_dataset` is too small to hold out a validation split; pass `eval_dataset`.")
@@ -228,8 +228,9 @@ class RMTKDCompressor:
         splits = {
             "train_dataset": train_ds,
             "eval_dataset": eval_ds,
-            "test_dataset": load_split(test_dataset, "test") if test_dataset is not None else None,
-            "calibration_dataset": load_split(calibration_dataset, "train") if calibration_dataset is not None else None,
+            "test_dataset": load_split(test_dataset, "test", name="test_dataset") if test_dataset is not None else None,
+            "calibration_dataset": (load_split(calibration_dataset, "train", name="calibration_dataset")
+                                    if calibration_dataset is not None else None),
         }
         prepared = self.task.prepare(splits, self.preprocessor, self.model.config, columns, config.max_length)
         train_tok, eval_tok, test_tok, calib_tok = (prepared.splits[name] for name in splits)

@@ -237,6 +237,153 @@ def test_a_config_file_that_is_not_an_object_is_one_line(folders, capsys):
                     f"an rmtkd_config.json written by `rmtkd compress` or `RMTKDConfig.to_json_file`.{HINT}")
 
 
+# --- a folder without tokenizer files, degenerate runs, failed runs, API argument types ------------------------------
+TINY_RUN = dict(batch_size=16, max_length=32, max_distillation_steps=1, width_multiple=4, min_width=4)
+
+
+def _fails_after_loading(argv, capsys) -> str:
+    """As `_fails`, for errors met after the model loaded (its progress bars come first): the one error line."""
+    with pytest.raises(SystemExit) as info:
+        main([str(arg) for arg in argv])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
+    return errors[0]
+
+
+def _without_tokenizer(bert_dir, folder: Path) -> Path:
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(bert_dir / name, folder / name)
+    return folder
+
+
+def test_a_model_folder_without_tokenizer_files_is_one_line(bert_dir, folders, capsys):
+    # AutoTokenizer builds a tokenizer of the 5 special tokens from such a folder: every word becomes [UNK].
+    model = _without_tokenizer(bert_dir, folders["tmp"] / "no-tokenizer")
+    output = folders["tmp"] / "out"
+    line = _fails_after_loading(["compress", model, "--dataset", folders["csv"], "-o", output], capsys)
+    assert line == (
+        f"error: The tokenizer of '{model}' maps 100% of the tokens of the first 20 training texts to '[UNK]' (a "
+        f"vocabulary of 5 tokens; at most 50% may be unknown): '{model}' has no tokenizer files, or not this model's; "
+        "pass a folder that holds them beside the model's weights, or save them there with "
+        f"`tokenizer.save_pretrained(folder)`.{HINT}"
+    )
+    assert not output.exists() and not Path(f"{output}.checkpoints").exists()
+
+
+def test_a_text_model_without_a_preprocessor_is_refused(bert_dir, text_splits, tmp_path):
+    from optimum_rmtkd import RMTKDCompressor
+
+    compressor = RMTKDCompressor(RMTKDCompressor.from_pretrained(bert_dir).model, None)
+    with pytest.raises(ValueError, match=re.escape(
+            "`preprocessor` is None, but the text-classification task needs one (AutoTokenizer): pass "
+            "`RMTKDCompressor(model, preprocessor)`, or save it beside the model's weights "
+            "(`preprocessor.save_pretrained(folder)`) and load both with `RMTKDCompressor.from_pretrained`.")):
+        compressor.compress(text_splits["train"], save_directory=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_cuts_nothing_says_so(bert_dir, text_splits, tmp_path, caplog):
+    from optimum_rmtkd import RMTKDCompressor
+
+    # No width is below 1% of the original: every stage is skipped, as when every site keeps k = d.
+    config = RMTKDConfig(**TINY_RUN, max_kept_ratio=0.01)
+    result = RMTKDCompressor.from_pretrained(bert_dir).compress(
+        text_splits["train"], text_splits["validation"], config, save_directory=tmp_path / "out")
+    note = ("nothing was cut: of 2 stage(s), 2 were skipped (a kept width ≥ 1% of the original) and 0 were undone "
+            "(the validation metric dropped too far)")
+    assert result.report["stop_reason"] == f"no site left; {note}"
+    assert result.report["parameters"]["reduction"] == 0
+    assert ("N" + note[1:] + "; the saved model has the input model's widths: raise `max_kept_ratio` "
+            "(`--max-kept-ratio`) to cut sites that keep most of their width, or `max_metric_drop` "
+            "(`--max-metric-drop`) to accept a larger drop.") in caplog.messages
+
+
+def test_tiny_data_and_fewer_calibration_samples_than_the_width_are_warned(bert_dir, text_splits, tmp_path, caplog):
+    from optimum_rmtkd import RMTKDCompressor
+
+    # 12 rows: 10 train and 2 held out; the 1-row rounding of the calibration share is raised to 2 examples, and with
+    # one sample per example ([CLS]) the FFN spectrum (width 37) rests on 2 samples: q = 18.5.
+    config = RMTKDConfig(**TINY_RUN, sample_unit="cls", max_stages=1)
+    RMTKDCompressor.from_pretrained(bert_dir).compress(
+        text_splits["train"].select(range(12)), config=config, save_directory=tmp_path / "out")
+    assert ("Only 10 training and 2 validation rows: distillation and the stop rules are noise below 100 and 50 (one "
+            "validation row moves the metric by 50.0 points); pass more data for a result to trust.") in caplog.messages
+    assert any(message.startswith("Stage 1: fewer calibration samples than the width at bert.encoder.layer.0.ffn "
+                                  "(2 samples, width 37, q = 18.50)") for message in caplog.messages), caplog.messages
+
+
+def test_a_failed_run_keeps_its_checkpoints_and_says_how_to_resume(bert_dir, text_splits, tmp_path, caplog,
+                                                                   monkeypatch):
+    import optimum_rmtkd.compressor as compressor_module
+    from optimum_rmtkd import RMTKDCompressor
+
+    real_train, calls = compressor_module.train, {"n": 0}
+
+    def train_until_the_disk_is_full(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_train(*args, **kwargs)
+
+    def compress():
+        return RMTKDCompressor.from_pretrained(bert_dir).compress(
+            text_splits["train"], text_splits["validation"], RMTKDConfig(**TINY_RUN), save_directory=tmp_path / "out")
+
+    monkeypatch.setattr(compressor_module, "train", train_until_the_disk_is_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        compress()
+    checkpoints = tmp_path / "out.checkpoints"
+    # Kept, not deleted: the stages done are what a resume after freeing space starts from.
+    assert (checkpoints / "stage-1").is_dir()
+    assert (f"The run failed (OSError) after 1 completed stage(s); its checkpoints are kept in '{checkpoints}': run "
+            "the same command again to resume from there, or pass `resume=False` (`--no-resume`) to start over (or "
+            "delete the folder).") in caplog.messages
+    monkeypatch.setattr(compressor_module, "train", real_train)
+    result = compress()
+    assert [s["stage"] for s in result.report["stages"]] == [1, 2]
+    assert not checkpoints.exists()  # a run that succeeds removes them
+
+
+def test_compress_api_argument_types(bert_dir, text_splits, tmp_path, monkeypatch):
+    import optimum_rmtkd.compressor as compressor_module
+    from optimum_rmtkd import RMTKDCompressor
+
+    compressor = RMTKDCompressor.from_pretrained(bert_dir)
+    # A dict of fields is read as `RMTKDConfig.from_dict` reads it (the run itself is not needed here).
+    monkeypatch.setattr(compressor_module._Run, "execute", lambda run, resume: run.config)
+    assert compressor.compress(text_splits["train"], config={"batch_size": 8, "sites": ["ffn"]},
+                               save_directory=tmp_path / "out") == RMTKDConfig(batch_size=8, sites=("ffn",))
+    with pytest.raises(ValueError, match=r"Unknown RMTKDConfig field\(s\) 'batch_sise'; allowed fields are "):
+        compressor.compress(text_splits["train"], config={"batch_sise": 8}, save_directory=tmp_path / "out")
+    with pytest.raises(TypeError, match=re.escape(
+            "`config` must be an RMTKDConfig or a dict of its fields, got list; pass `RMTKDConfig(...)`, or "
+            "`RMTKDConfig.from_json_file(path)` for a saved rmtkd_config.json.")):
+        compressor.compress(text_splits["train"], config=[("batch_size", 8)], save_directory=tmp_path / "out")
+    for value in (None, "", 3):
+        with pytest.raises(TypeError, match=re.escape(
+                f"`save_directory` must be a folder path (a non-empty str or os.PathLike), got {value!r}; pass the "
+                'folder to write the compressed model to, e.g. `save_directory="bert-rmtkd"`.')):
+            compressor.compress(text_splits["train"], save_directory=value)
+
+
+def test_model_objects_and_paths_go_to_their_own_constructor(bert_dir):
+    from optimum_rmtkd import RMTKDCompressor
+
+    model = RMTKDCompressor.from_pretrained(bert_dir).model
+    with pytest.raises(TypeError, match=re.escape(
+            "`model_name_or_path` must be a Hub id, a folder or a .gguf file, got a BertForSequenceClassification "
+            "object; for a model in memory use `RMTKDCompressor(model, preprocessor)`.")):
+        RMTKDCompressor.from_pretrained(model)
+    with pytest.raises(TypeError, match=re.escape(
+            f"`model` must be a loaded model (an nn.Module), got the path '{bert_dir}'; load it with "
+            f"`RMTKDCompressor.from_pretrained('{bert_dir}')`.")):
+        RMTKDCompressor(str(bert_dir))
+
+
 # --- data files: one line with the fix, before the model loads ------------------------------------------------------
 BROKEN_DATA = {
     # name: (content, message after "`--dataset` '<path>' ")

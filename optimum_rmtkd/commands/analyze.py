@@ -83,14 +83,13 @@ class AnalyzeCommand(RMTKDBaseCommand):
         read_dataset_file(args.dataset, "--dataset")
 
         from ..analysis import analyze_model
-        from ..tasks import get_task
+        from ..compressor import RMTKDCompressor
 
-        spec = get_task(task)
-        try:
-            model = spec.auto_model.from_pretrained(model_id)
-            preprocessor = spec.load_preprocessor(model_id)
+        try:  # as compress loads it: a GGUF file dequantized, a new task head drawn under the seed
+            loaded = RMTKDCompressor.from_pretrained(model_id, task=task, seed=config.seed)
         except OSError as error:
             raise model_load_error(model_id, error) from error
+        model, preprocessor = loaded.model, loaded.preprocessor
         if not args.debug:
             # The table flags heavy-tailed sites and the analysis logs one summary; one warning per fit is noise.
             logging.getLogger("optimum_rmtkd.rmt").setLevel(logging.ERROR)

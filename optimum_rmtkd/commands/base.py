@@ -175,6 +175,11 @@ def configure_logging(quiet: bool, debug: bool, api_flags: Optional[Mapping[str,
 
     The lines name flags, not API arguments: `api_flags` is the verb's table of `cli_message`.
     """
+    if quiet:
+        # tqdm >= 4.66 reads its defaults from TQDM_* variables when it is first imported, so this must come before
+        # any import of tqdm: it silences the bars that libraries draw with plain `tqdm` (transformers' GGUF loader),
+        # out of reach of their own `disable_progress_bar()`.
+        os.environ["TQDM_DISABLE"] = "1"
     import datasets
     import huggingface_hub
     from transformers.utils import logging as hf_logging
@@ -197,9 +202,6 @@ def configure_logging(quiet: bool, debug: bool, api_flags: Optional[Mapping[str,
         datasets.logging.set_verbosity_error()
         datasets.disable_progress_bars()
         huggingface_hub.utils.disable_progress_bars()
-        # tqdm >= 4.66 reads its defaults from TQDM_* variables: this silences the bars of plain `tqdm` calls that
-        # leave `disable` unset.
-        os.environ["TQDM_DISABLE"] = "1"
         # torch.onnx's exporter logs warnings (missing torchvision ops) and torch emits FutureWarnings while tracing.
         # Importing torch resets its loggers from TORCH_LOGS, and the commands import torch after this runs, so the
         # variable is set too ("-all": errors only), unless the user set it.
@@ -240,11 +242,13 @@ def check_model_source(model: str) -> None:
     from huggingface_hub.utils import validate_repo_id
 
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return
     if path.exists():
         if not (path / "config.json").is_file():
             raise ValueError(
-                f"The model folder {model!r} has no config.json; pass a folder written by `save_pretrained` or a "
-                "Hub model id."
+                f"The model folder {model!r} has no config.json; pass a folder written by `save_pretrained`, a .gguf "
+                "file or a Hub model id."
             )
         return
     try:
@@ -269,22 +273,26 @@ def model_load_error(model: str, error: OSError) -> OSError:
 
 
 def load_model_config(model: str):
-    """The model's `PretrainedConfig` (config.json only, no weights), or the error `model_load_error` words."""
+    """The model's `PretrainedConfig` (config.json, or a GGUF file's metadata; no weights), or the error
+    `model_load_error` words."""
     from transformers import AutoConfig
 
+    path = Path(model).expanduser()
     try:
+        if path.suffix.lower() == ".gguf":
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         return AutoConfig.from_pretrained(model)
     except OSError as error:
         raise model_load_error(model, error) from error
 
 
 def task_from_args(args: argparse.Namespace, model: str) -> str:
-    """`--task`, or the task detected from the model's config (`optimum_rmtkd.tasks.get_task`: its architectures)."""
+    """`--task`, or the task detected from the model's config (its architectures, else its adapter's head)."""
     if args.task is not None:
         return args.task
-    from ..tasks import get_task
+    from ..compressor import default_task
 
-    return get_task(load_model_config(model)).name
+    return default_task(load_model_config(model)).name
 
 
 def check_num_labels(num_labels: Optional[int], model_config) -> None:
