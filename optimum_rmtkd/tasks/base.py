@@ -221,3 +221,19 @@ def check_finite_metrics(metrics: Metrics, task: str) -> Metrics:
             f"The {task} metric `{name}` is {value}; the model diverged or the evaluation set is degenerate."
         )
     return metrics
+
+
+def random_token_inputs(config, batch_size: int, size: int, *, with_padding: bool,
+                        rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    """Random `input_ids` of length `size` from the config's vocabulary and their `attention_mask`. With
+    `with_padding`, row i keeps `size - i * size // (batch_size + 1)` tokens followed by padding (pad id, mask 0):
+    a batch of two or more rows checks the masked path, and row 0, full, keeps every query row seeing real tokens."""
+    input_ids = rng.integers(0, config.vocab_size, size=(batch_size, size), dtype=np.int64)
+    attention_mask = np.ones((batch_size, size), dtype=np.int64)
+    if with_padding:
+        pad_id = getattr(config, "pad_token_id", None) or 0
+        for row in range(batch_size):
+            length = size - row * size // (batch_size + 1)
+            attention_mask[row, length:] = 0
+            input_ids[row, length:] = pad_id
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -25,7 +25,15 @@ from torch import nn
 from transformers.utils import logging
 
 from ..data import check_columns
-from .base import Columns, Metrics, PreparedData, Task, check_finite_metrics, kl_teacher_student
+from .base import (
+    Columns,
+    Metrics,
+    PreparedData,
+    Task,
+    check_finite_metrics,
+    kl_teacher_student,
+    random_token_inputs,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -253,18 +261,9 @@ class CausalLMTask(Task):
 
     def dummy_inputs(self, config, input_names, batch_size: int, size: int, *, with_padding: bool,
                      rng: np.random.Generator) -> Dict[str, np.ndarray]:
-        """Token ids of length `size`. With `with_padding`, row i keeps `size - i * size // (batch_size + 1)` tokens
-        followed by padding (pad id, mask 0): right padding, so every query still sees a real token and no attention
-        row is fully masked."""
-        input_ids = rng.integers(0, config.vocab_size, size=(batch_size, size), dtype=np.int64)
-        attention_mask = np.ones((batch_size, size), dtype=np.int64)
-        if with_padding:
-            pad_id = getattr(config, "pad_token_id", None) or 0
-            for row in range(batch_size):
-                length = size - row * size // (batch_size + 1)
-                attention_mask[row, length:] = 0
-                input_ids[row, length:] = pad_id
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        """Right-padded random token ids (`random_token_inputs`): every query still sees a real token, so no
+        attention row is fully masked."""
+        inputs = random_token_inputs(config, batch_size, size, with_padding=with_padding, rng=rng)
         return {name: inputs[name] for name in input_names}
 
     def dynamic_axes(self, input_names):

@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 from torch import nn
 
-from .base import Columns
+from .base import Columns, random_token_inputs
 from .classification import ClassificationTask
 
 
@@ -73,18 +73,9 @@ class SequenceClassificationTask(ClassificationTask):
 
     def dummy_inputs(self, config, input_names, batch_size: int, size: int, *, with_padding: bool,
                      rng: np.random.Generator) -> Dict[str, np.ndarray]:
-        """Token ids of length `size`. With `with_padding`, row i keeps `size - i * size // (batch_size + 1)`
-        tokens and the rest is padding (pad id, mask 0), so a batch of two or more rows checks the masked path;
-        `token_type_ids` marks the second half of each row as segment 1."""
-        input_ids = rng.integers(0, config.vocab_size, size=(batch_size, size), dtype=np.int64)
-        attention_mask = np.ones((batch_size, size), dtype=np.int64)
-        if with_padding:
-            pad_id = getattr(config, "pad_token_id", None) or 0
-            for row in range(batch_size):
-                length = size - row * size // (batch_size + 1)
-                attention_mask[row, length:] = 0
-                input_ids[row, length:] = pad_id
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        """Padded random token ids (`random_token_inputs`); `token_type_ids` marks the second half of each row as
+        segment 1."""
+        inputs = random_token_inputs(config, batch_size, size, with_padding=with_padding, rng=rng)
         if "token_type_ids" in input_names:
             inputs["token_type_ids"] = np.broadcast_to(np.arange(size) >= size // 2, (batch_size, size)).astype(np.int64)
         return {name: inputs[name] for name in input_names}
