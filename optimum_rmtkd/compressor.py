@@ -25,6 +25,7 @@ import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers.utils import logging
@@ -160,6 +161,11 @@ class RMTKDCompressor:
                 task = default_task(AutoConfig.from_pretrained(model_name_or_path, **hub_kwargs))
             task = get_task(task)
             model, head_is_new = task.load_model(model_name_or_path, seed, **hub_kwargs, **model_kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights of {source!r} cannot be read ({' '.join(str(error).split())}): the file is damaged or "
+                "incomplete; save or download the model again."
+            ) from error
         except OSError as error:
             raise OSError(
                 f"Could not load a model from {source!r}: pass a local folder with config.json and weights, a .gguf "

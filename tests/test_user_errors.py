@@ -274,6 +274,15 @@ def test_a_model_folder_without_tokenizer_files_is_one_line(bert_dir, folders, c
     assert not output.exists() and not Path(f"{output}.checkpoints").exists()
 
 
+def test_damaged_weights_are_one_line(folders, capsys):
+    weights = folders["model"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    line = _fails_after_loading(["compress", folders["model"], "--dataset", folders["csv"], "-o",
+                                 folders["tmp"] / "out"], capsys)
+    assert line.startswith(f"error: The weights of '{folders['model']}' cannot be read (")
+    assert line.endswith("): the file is damaged or incomplete; save or download the model again." + HINT)
+
+
 def test_a_text_model_without_a_preprocessor_is_refused(bert_dir, text_splits, tmp_path):
     from optimum_rmtkd import RMTKDCompressor
 
