@@ -194,9 +194,13 @@ def test_a_task_defined_outside_the_library_compresses_end_to_end(bert_dir, text
         rose = stage["metric_after_distillation"] > baseline  # lower is better: a rise is a loss
         assert stage.get("reverted", False) is rose
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    saved, kept = reloaded.state_dict(), result.model.state_dict()
+    assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)  # the same weights
     batch = {"input_ids": torch.randint(5, 100, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(**batch).logits, result.model.eval()(**batch).logits, rtol=0, atol=0)
+        # The weights are equal bit for bit (above); the logits once differed by 1.5e-8 (one float32 ulp) in a full
+        # run on a loaded machine, so they are held to round-off here. Exact reload is tested in test_compressor.py.
+        torch.testing.assert_close(reloaded(**batch).logits, result.model.eval()(**batch).logits, rtol=0, atol=1e-6)
     assert reloaded.config.num_labels == 1
     assert json.loads((tmp_path / "out" / "rmtkd_report.json").read_text())["metric_name"] == "mse"
 
