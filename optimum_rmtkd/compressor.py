@@ -87,8 +87,8 @@ class RMTKDCompressor:
     Args:
         model (`transformers.PreTrainedModel`): the model to compress; never modified (a copy is edited).
         preprocessor: its tokenizer or image processor, saved with the compressed model.
-        task (`str` or `Task`, *optional*): the task (see `optimum_rmtkd.tasks`); defaults to the one the model's
-            config names (its `architectures`).
+        task (`str` or `Task`, *optional*): the task (see `optimum_rmtkd.tasks`); defaults to the one whose Auto
+            class builds the model's class (`LlamaForCausalLM`: `text-generation`).
         source (`str`, *optional*): the Hub id or local path it came from, recorded as `base_model`.
         head_is_new (`bool`, *optional*, defaults to `False`): the task head was freshly initialised, so the
             model is fine-tuned before the first reduction.
@@ -108,7 +108,7 @@ class RMTKDCompressor:
                 f"models, got {type(model).__name__}: its site tables name that task head's modules. Load the model "
                 "with the Auto class of a task it covers (`task=`), or add the head to the adapter."
             )
-        self.task = get_task(task if task is not None else model.config)
+        self.task = get_task(task) if task is not None else get_task({"architectures": [type(model).__name__]})
         self.model = model
         self.preprocessor = preprocessor
         self.source = source
