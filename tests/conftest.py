@@ -1,6 +1,8 @@
 """Shared fixtures: tiny saved models (odd sizes, see `_models.py`) and a small separable text task."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
 import sys
@@ -41,3 +43,23 @@ def encoder_dir(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def bert_dir(tmp_path_factory) -> Path:
     return save_tiny_bert(tmp_path_factory.mktemp("bert"), "bert")
+
+
+@contextlib.contextmanager
+def kept_package_logging():
+    """Put the `optimum_rmtkd` logger back as it was: the CLI's `run()` gives it a handler on the stderr of the
+    moment (pytest's capture) and sets its level."""
+    logger = logging.getLogger("optimum_rmtkd")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    try:
+        yield
+    finally:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+@pytest.fixture
+def restore_logging():
+    with kept_package_logging():
+        yield

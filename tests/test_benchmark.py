@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import shutil
 import sys
 import time
@@ -475,17 +474,6 @@ def pair_exports(bert_pair, tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     return {name: export_onnx(folder, root / name, validate=False).onnx_path
             for name, folder in zip(("original", "compressed"), bert_pair)}
-
-
-@pytest.fixture
-def restore_logging():
-    """`rmtkd_cli.main` configures the package logger with a handler on the stderr of the moment (pytest's capture)."""
-    logger = logging.getLogger("optimum_rmtkd")
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-    logger.propagate = propagate
 
 
 def _copy_model(folder: Path, destination: Path) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import logging
 import random
 from pathlib import Path
 
@@ -25,6 +24,8 @@ gguf = pytest.importorskip("gguf")
 from optimum_rmtkd import RMTKDCompressor, RMTKDConfig  # noqa: E402
 from optimum_rmtkd.commands.rmtkd_cli import main  # noqa: E402
 from optimum_rmtkd.rmt import ESTIMATORS  # noqa: E402
+
+from conftest import kept_package_logging  # noqa: E402
 
 # Words built from a few letters; the vocabulary holds each letter, "▁" and every "▁"-prefix of every word, so the
 # merges transformers derives from it (`generate_merges`) build each word from its letters one at a time.
@@ -181,17 +182,9 @@ def texts_csv(tmp_path_factory) -> Path:
 def analyze_output(gguf_path, texts_csv) -> dict:
     """`rmtkd analyze tiny.gguf --dataset texts.csv --quiet` in-process, once: its exit status, stdout and stderr."""
     argv = ["analyze", str(gguf_path), "--dataset", str(texts_csv), "--max-length", "16", "--sites", "ffn", "--quiet"]
-    # `run()` gives the package logger a handler on the stderr of the moment: put the logger back afterwards.
-    logger = logging.getLogger("optimum_rmtkd")
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
     out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = main(argv)
-    finally:
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-        logger.propagate = propagate
+    with kept_package_logging(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(argv)
     return {"status": status, "out": out.getvalue(), "err": err.getvalue()}
 
 

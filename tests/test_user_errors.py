@@ -25,15 +25,7 @@ from optimum_rmtkd.utils.io import check_output_folder
 HINT = " (run with --debug to see the traceback)"
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """`run()` configures the package logger with a handler on the stderr of the moment (pytest's capture)."""
-    logger = logging.getLogger("optimum_rmtkd")
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-    logger.propagate = propagate
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture
