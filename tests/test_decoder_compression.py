@@ -87,6 +87,14 @@ def test_a_decoder_compresses_and_reloads_with_stock_transformers(tmp_path, text
     greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=2)
     assert torch.equal(reloaded.generate(**prompt, **greedy), model.generate(**prompt, **greedy))
 
+    # The model card follows the task: pipeline tag, metric and a generation snippet with the stock class.
+    from optimum_rmtkd.hub import build_model_card
+
+    card = build_model_card(out, repo_id="me/tiny-rmtkd")
+    assert card.data.pipeline_tag == "text-generation" and card.data.metrics == ["perplexity"]
+    assert "model = AutoModelForCausalLM.from_pretrained(\"me/tiny-rmtkd\")" in str(card)
+    assert "output = model.generate(**inputs, max_new_tokens=20)" in str(card)
+
 
 def test_per_layer_decoder_widths_reload_through_the_registered_type(tmp_path, texts):
     source = _save_decoder(tmp_path / "model", "llama", False)

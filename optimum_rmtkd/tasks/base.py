@@ -192,8 +192,12 @@ class Task(ABC):
         return {
             "task": self.name, "task_name": self.title, "auto_class": self.auto_model_name,
             "preprocessor_class": self.preprocessor_class, "preprocessor_files": self.preprocessor_files,
-            "onnx_input_example": self.onnx_input_example(),
+            "onnx_input_example": self.onnx_input_example(), "usage_example": self.usage_example(),
         }
+
+    def usage_example(self) -> str:
+        """Python lines that use the loaded `model` and `preprocessor` (model card snippet; none by default)."""
+        return ""
 
     def onnx_input_example(self) -> str:
         """Python lines that build the ONNX Runtime `inputs` dict from `preprocessor` (model card snippet)."""

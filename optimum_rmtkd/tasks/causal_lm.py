@@ -274,10 +274,6 @@ class CausalLMTask(Task):
         return getattr(config, "max_position_embeddings", None)
 
     # --- model card -----------------------------------------------------------------------------------------
-    def card_context(self) -> Dict[str, Any]:
-        """Adds `usage_example`: generation lines to follow the card's `model` / `preprocessor` lines."""
-        return {**super().card_context(), "usage_example": self.usage_example()}
-
     def usage_example(self) -> str:
         return (
             'inputs = preprocessor("The capital of France is", return_tensors="pt")\n'
