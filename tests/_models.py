@@ -94,3 +94,45 @@ def save_tiny_resnet(path: PathLike, layer_type: str = "basic", seed: int = 0) -
     processor = ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=1.0)
     processor.save_pretrained(path)
     return path
+
+
+# --- decoders -------------------------------------------------------------------------------------------------------
+DECODER_VOCAB = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(40)}}
+
+
+def decoder_tokenizer():
+    """A whitespace word-level tokenizer over `DECODER_VOCAB` with BOS/EOS (EOS doubles as padding)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(DECODER_VOCAB, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def save_tiny_decoder(path: PathLike, family: str = "llama", tied: bool = False) -> Path:
+    """A tiny Llama or Mistral with odd sizes: hidden 48, FFN 37, 6 heads of 8 in 2 key/value groups, 2 layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    path = Path(path)
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=len(DECODER_VOCAB), hidden_size=48, intermediate_size=37, num_hidden_layers=2,
+                 num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=tied)
+    config, cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (MistralConfig, MistralForCausalLM)
+    cls(config(**sizes)).save_pretrained(path)
+    decoder_tokenizer().save_pretrained(path)
+    return path
+
+
+def counting_texts(n: int, seed: int):
+    """Runs of consecutive words (`w7 w8 w9 …`): a next-token rule a tiny decoder learns in a few steps."""
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        start, length = torch.randint(0, 25, (1,), generator=g).item(), torch.randint(4, 15, (1,), generator=g).item()
+        rows.append({"text": " ".join(f"w{i}" for i in range(start, start + length))})
+    return datasets.Dataset.from_list(rows)

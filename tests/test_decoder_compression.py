@@ -2,66 +2,28 @@
 `text-generation` task, reloaded with stock `AutoModelForCausalLM`, greedy generation unchanged by the reload."""
 import json
 
-import datasets
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from _models import DECODER_VOCAB, counting_texts, save_tiny_decoder
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
 
-VOCAB = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(40)}}
 FAST = dict(batch_size=8, max_length=16, max_distillation_steps=2, width_multiple=4, min_width=4,
             estimator="mp-median", max_metric_drop=None, sites=("ffn", "heads", "hidden"))
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
-
-
-def _save_decoder(path, family: str, tied: bool):
-    """A tiny decoder with odd sizes: hidden 48, FFN 37, 6 heads of 8 in 2 key/value groups, 2 layers."""
-    torch.manual_seed(0)
-    sizes = dict(vocab_size=len(VOCAB), hidden_size=48, intermediate_size=37, num_hidden_layers=2,
-                 num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                 bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=tied)
-    config, cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (MistralConfig, MistralForCausalLM)
-    model = cls(config(**sizes))
-    model.save_pretrained(path)
-    _tokenizer().save_pretrained(path)
-    return path
-
-
-def _counting_texts(n: int, seed: int) -> datasets.Dataset:
-    """Runs of consecutive words (`w7 w8 w9 …`): a next-token rule a tiny model learns in a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        start, length = torch.randint(0, 25, (1,), generator=g).item(), torch.randint(4, 15, (1,), generator=g).item()
-        rows.append({"text": " ".join(f"w{i}" for i in range(start, start + length))})
-    return datasets.Dataset.from_list(rows)
+VOCAB_SIZE = len(DECODER_VOCAB)
 
 
 @pytest.fixture(scope="module")
 def texts():
-    return {"train": _counting_texts(120, 0), "validation": _counting_texts(40, 1)}
+    return {"train": counting_texts(120, 0), "validation": counting_texts(40, 1)}
 
 
 # (Qwen2's cut is covered in tests/adapters/test_llama.py: its Auto tokenizer class rebuilds a BPE tokenizer that
 # this word-level test vocabulary does not survive.)
 @pytest.mark.parametrize("family, tied", [("llama", False), ("mistral", True)])
 def test_a_decoder_compresses_and_reloads_with_stock_transformers(tmp_path, texts, family, tied):
-    source = _save_decoder(tmp_path / "model", family, tied)
+    source = save_tiny_decoder(tmp_path / "model", family, tied)
     compressor = RMTKDCompressor.from_pretrained(source)
     assert compressor.task.name == "text-generation"  # detected from `architectures`
     result = compressor.compress(texts["train"], texts["validation"], RMTKDConfig(**FAST),
@@ -80,7 +42,7 @@ def test_a_decoder_compresses_and_reloads_with_stock_transformers(tmp_path, text
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(reloaded) is type(result.model)
     model = result.model.eval()
-    batch = {"input_ids": torch.randint(3, len(VOCAB), (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    batch = {"input_ids": torch.randint(3, VOCAB_SIZE, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
     prompt = {"input_ids": torch.tensor([[1, 10, 11, 12]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
@@ -97,7 +59,7 @@ def test_a_decoder_compresses_and_reloads_with_stock_transformers(tmp_path, text
 
 
 def test_per_layer_decoder_widths_reload_through_the_registered_type(tmp_path, texts):
-    source = _save_decoder(tmp_path / "model", "llama", False)
+    source = save_tiny_decoder(tmp_path / "model", "llama", False)
     result = RMTKDCompressor.from_pretrained(source).compress(
         texts["train"], texts["validation"], RMTKDConfig(**dict(FAST, sites=("ffn",)), output_format="per-layer"),
         save_directory=tmp_path / "out",
@@ -106,7 +68,7 @@ def test_per_layer_decoder_widths_reload_through_the_registered_type(tmp_path, t
     assert type(reloaded).__name__ == "RMTKDLlamaForCausalLM"
     widths = [layer.mlp.down_proj.in_features for layer in reloaded.model.layers]
     assert widths == [site["kept_width"] for site in result.report["sites"]]
-    batch = {"input_ids": torch.randint(3, len(VOCAB), (2, 9))}
+    batch = {"input_ids": torch.randint(3, VOCAB_SIZE, (2, 9))}
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, result.model.eval()(**batch).logits, rtol=0, atol=0)
 

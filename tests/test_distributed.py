@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo) calibrate disjoint shards; the reduced sums equal one process's sums."""
+"""Two CPU processes (torchrun, gloo) calibrate disjoint shards; the reduced sums equal one process's sums, for an
+encoder classifier and for a decoder language model."""
 import os
 import subprocess
 import sys
@@ -7,12 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from _models import counting_texts, save_tiny_decoder
+from conftest import make_text_dataset
+
 HERE = Path(__file__).resolve().parent
 
 
-def _run(model_dir, output, nproc):
+def _run(model_dir, data_file, output, nproc):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(HERE / "distributed_calibration.py"), str(model_dir), str(output), str(HERE)]
+               str(HERE / "distributed_calibration.py"), str(model_dir), str(data_file), str(output)]
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -20,11 +24,20 @@ def _run(model_dir, output, nproc):
 
 
 @pytest.mark.slow
-def test_two_process_calibration_equals_single_process(bert_dir, tmp_path):
-    single = _run(bert_dir, tmp_path / "single.pt", 1)
-    double = _run(bert_dir, tmp_path / "double.pt", 2)
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_two_process_calibration_equals_single_process(kind, bert_dir, tmp_path):
+    # An odd number of rows (37 texts; 13 packed blocks of 16 tokens for the decoder): even_batches-style padding
+    # would have counted one twice.
+    if kind == "encoder":
+        model_dir, data = bert_dir, make_text_dataset(37, seed=3)
+    else:
+        model_dir, data = save_tiny_decoder(tmp_path / "decoder"), counting_texts(37, seed=3)
+    data.to_csv(tmp_path / "data.csv")
+    single = _run(model_dir, tmp_path / "data.csv", tmp_path / "single.pt", 1)
+    double = _run(model_dir, tmp_path / "data.csv", tmp_path / "double.pt", 2)
     # accelerate launch can silently start two worlds of one (DESIGN §7): check the world really had two processes.
     assert double["num_processes"] == 2 and single["num_processes"] == 1
+    assert single["rows"] % 2 == 1
     assert set(double["stats"]) == set(single["stats"])
     for key, state in single["stats"].items():
         other = double["stats"][key]
