@@ -607,6 +607,13 @@ class _Run:
                 state["stages"].append(record)
                 return model
         cut = [s for s in sites if s.name in worth_it]
+        after = self.adapter.parameters_after_cut(model, cut, worth_it, stats, config.output_format)
+        if after is not None and after >= record["parameters"]:
+            # E.g. a tied decoder's hidden cut: the head it unties adds vocab × k, more than a mild cut saves.
+            record["skipped"] = f"the cut would leave {after:,} parameters, no fewer than the {record['parameters']:,} now"
+            logger.info("Stage %d skipped: %s.", index + 1, record["skipped"])
+            state["stages"].append(record)
+            return model
 
         teacher = copy.deepcopy(model).eval()  # the checkpoint before this reduction
         model = as_output_format(self.adapter.reduce(model, cut, worth_it, stats, config), config.output_format)

@@ -111,13 +111,14 @@ def decoder_tokenizer():
                                    pad_token="</s>")
 
 
-def save_tiny_decoder(path: PathLike, family: str = "llama", tied: bool = False) -> Path:
-    """A tiny Llama or Mistral with odd sizes: hidden 48, FFN 37, 6 heads of 8 in 2 key/value groups, 2 layers."""
+def save_tiny_decoder(path: PathLike, family: str = "llama", tied: bool = False, vocab_size: int = 0) -> Path:
+    """A tiny Llama or Mistral with odd sizes: hidden 48, FFN 37, 6 heads of 8 in 2 key/value groups, 2 layers; the
+    embedding has `vocab_size` rows (default: the tokenizer's)."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     path = Path(path)
     torch.manual_seed(0)
-    sizes = dict(vocab_size=len(DECODER_VOCAB), hidden_size=48, intermediate_size=37, num_hidden_layers=2,
+    sizes = dict(vocab_size=vocab_size or len(DECODER_VOCAB), hidden_size=48, intermediate_size=37, num_hidden_layers=2,
                  num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
                  bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=tied)
     config, cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (MistralConfig, MistralForCausalLM)

@@ -82,3 +82,20 @@ def test_a_config_without_architectures_gets_the_task_its_adapter_describes():
     assert default_task(LlamaConfig()).name == "text-generation"
     assert default_task(MistralConfig(architectures=["MistralForCausalLM"])).name == "text-generation"
     assert default_task(BertConfig()).name == "text-classification"
+
+
+def test_a_hidden_cut_that_would_grow_a_tied_model_is_skipped(tmp_path, texts):
+    # A 2,000-row tied embedding and a mild cut, 48 → 36 (`min_width`): untying the head adds 2,000 × 36 parameters,
+    # more than the cut saves, so the stage is skipped before anything is cut and the model stays tied.
+    source = save_tiny_decoder(tmp_path / "model", "llama", tied=True, vocab_size=2000)
+    result = RMTKDCompressor.from_pretrained(source).compress(
+        texts["train"], texts["validation"], RMTKDConfig(**dict(FAST, sites=("hidden",), min_width=36)),
+        save_directory=tmp_path / "out",
+    )
+    assert result.report["stages"][0]["widths"] == {"hidden": 36}
+    (stage,) = result.report["stages"]
+    assert stage["skipped"].startswith("the cut would leave ") and stage["skipped"].endswith(
+        f"parameters, no fewer than the {result.report['parameters']['original']:,} now")
+    assert stage["metric_after_distillation"] is None
+    assert result.report["parameters"]["compressed"] == result.report["parameters"]["original"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True

@@ -180,6 +180,19 @@ class Adapter(ABC):
         model may be a new object of the same class (`rebuild`) when modules cache sizes derived from the config, e.g.
         an attention module's head size; always use the return value."""
 
+    def parameters_after_cut(
+        self,
+        model: nn.Module,
+        sites: Sequence[Site],
+        widths: Dict[str, int],
+        stats: Optional[Dict[str, "SecondMomentAccumulator"]] = None,
+        output_format: str = "stock",
+    ) -> Optional[int]:
+        """The parameter count `reduce` would leave, without cutting; `None` when the adapter cannot tell before
+        cutting. The compressor skips a stage whose cut would not shrink the model (a cut that unties a shared head
+        can grow it)."""
+        return None
+
     @abstractmethod
     def resize_per_layer(self, model: nn.Module) -> None:
         """Give the modules of a freshly built model the shapes its config's `per_layer_config` records (weights are
