@@ -610,7 +610,9 @@ class _Run:
         after = self.adapter.parameters_after_cut(model, cut, worth_it, stats, config.output_format)
         if after is not None and after >= record["parameters"]:
             # E.g. a tied decoder's hidden cut: the head it unties adds vocab × k, more than a mild cut saves.
-            record["skipped"] = f"the cut would leave {after:,} parameters, no fewer than the {record['parameters']:,} now"
+            record["skipped"] = (
+                f"the cut would leave {after:,} parameters, no fewer than the {record['parameters']:,} now"
+            )
             logger.info("Stage %d skipped: %s.", index + 1, record["skipped"])
             state["stages"].append(record)
             return model
