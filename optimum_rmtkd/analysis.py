@@ -198,7 +198,7 @@ def analyze_model(
     inputs = task.inputs(subset, preprocessor, columns, config.max_length, "dataset")
     loader = DataLoader(inputs.with_format("torch"), batch_size=config.batch_size,
                         collate_fn=task.collator(preprocessor))
-    # Only the spectra are needed: the refit statistics (`extra_captures`) that `reduce` would use are skipped.
+    # Only the spectra are needed: what `reduce` would also read (`reader_inputs`, `extra_captures`) is skipped.
     points = list({point.key: point for site in sites for point in site.captures}.values())
     stats = collect_statistics(model, loader, points, sample_unit=config.sample_unit,
                                forward_kwargs=task.forward_kwargs())
