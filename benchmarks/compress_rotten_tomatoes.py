@@ -12,6 +12,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -37,6 +38,21 @@ def loaders(tokenizer, splits, config, model_config):
     return {name: DataLoader(ds.with_format("torch"), batch_size=config.batch_size, shuffle=(name == "train"),
                              collate_fn=collator, generator=torch.Generator().manual_seed(config.seed))
             for name, ds in prepared.splits.items()}
+
+
+def ensure_original(original_dir: Path, train_loader, tokenizer, config: RMTKDConfig, accelerator: Accelerator,
+                    epochs: float) -> Optional[float]:
+    """Fine-tune MiniLM with a new 2-class head into `original_dir` unless it already holds weights (they are not
+    committed: a fresh clone fine-tunes); returns the seconds it took, `None` when reused."""
+    if (original_dir / "model.safetensors").is_file():
+        return None
+    start = time.perf_counter()
+    # The new head is drawn under the run's seed (PyTorch seeds its generator at random in each process).
+    model, _ = TASK.load_model(minilm_path(), config.seed, num_labels=2)
+    model = train(model, train_loader, accelerator, config, TASK, epochs=epochs, description="Fine-tuning")
+    model.save_pretrained(original_dir)
+    tokenizer.save_pretrained(original_dir)
+    return time.perf_counter() - start
 
 
 def main(argv=None) -> None:
@@ -76,15 +92,9 @@ def main(argv=None) -> None:
     timings = {}
 
     original_dir = out / "original"
-    if not (original_dir / "model.safetensors").is_file():  # weights are not committed: fine-tune on a fresh clone
-        start = time.perf_counter()
-        # The new head is drawn under the run's seed (PyTorch seeds its generator at random in each process).
-        model, _ = TASK.load_model(minilm_path(), config.seed, num_labels=2)
-        model = train(model, data["train"], accelerator, config, TASK, epochs=args.finetune_epochs,
-                      description="Fine-tuning")
-        model.save_pretrained(original_dir)
-        tokenizer.save_pretrained(original_dir)
-        timings["finetune_s"] = time.perf_counter() - start
+    finetune_s = ensure_original(original_dir, data["train"], tokenizer, config, accelerator, args.finetune_epochs)
+    if finetune_s is not None:
+        timings["finetune_s"] = finetune_s
     original = AutoModelForSequenceClassification.from_pretrained(original_dir)
     original_test = TASK.evaluate(original, data["test"], accelerator)["accuracy"]
 

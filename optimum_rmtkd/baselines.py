@@ -39,19 +39,19 @@ import torch
 from torch import nn
 
 from .adapters import Site, get_adapter
-from .projection import refit_reader_weight, set_submodule, slice_linear_inputs, slice_linear_outputs
+from .projection import (
+    refit_reader_weight,
+    set_submodule,
+    slice_linear_inputs,
+    slice_linear_outputs,
+    top_channels,
+    variance_channels,
+)
 
 
 def _check_width(width: int, dim: int) -> None:
     if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or not 1 <= width <= dim:
         raise ValueError(f"`width` must be an integer in [1, {dim}], got {width!r}.")
-
-
-def _largest(scores: torch.Tensor, width: int) -> torch.Tensor:
-    """The `width` indices of the largest scores (ties broken by the lower index), sorted ascending (`keep`)."""
-    _check_width(width, scores.numel())
-    order = torch.argsort(scores.detach().to(torch.float64).cpu(), descending=True, stable=True)
-    return torch.sort(order[:width]).values
 
 
 def magnitude_channels(writer: nn.Linear, reader: nn.Linear, width: int) -> torch.Tensor:
@@ -77,25 +77,7 @@ def magnitude_channels(writer: nn.Linear, reader: nn.Linear, width: int) -> torc
             "two sides of one site."
         )
     scores = writer.weight.detach().norm(dim=1) * reader.weight.detach().norm(dim=0)
-    return _largest(scores, width)
-
-
-def variance_channels(second_moment: torch.Tensor, width: int) -> torch.Tensor:
-    """Variance baseline: keep the channels with the largest diagonal of the calibration second moment E[x xᵀ].
-
-    It uses the same data as the RMT rule but looks at each channel alone, ignoring the correlations the kept
-    eigenvectors capture: the comparison tells whether the spectral view of the channels matters.
-
-    Args:
-        second_moment (`torch.Tensor`): the d × d calibration second moment (or covariance) of the site.
-        width (`int`): channels to keep, in [1, d].
-
-    Returns:
-        `torch.Tensor`: the `width` kept channel indices, ascending (`keep`); ties go to the lower index.
-    """
-    if second_moment.ndim != 2 or second_moment.shape[0] != second_moment.shape[1]:
-        raise ValueError(f"`second_moment` must be a square matrix, got shape {tuple(second_moment.shape)}.")
-    return _largest(torch.diagonal(second_moment), width)
+    return top_channels(scores, width)
 
 
 def random_channels(dim: int, width: int, seed: int) -> torch.Tensor:

@@ -24,6 +24,8 @@ OUTPUT_FORMATS = ("stock", "per-layer")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 METRIC_DROP_ACTIONS = ("stop", "skip")
 HEAD_REDUCTIONS = ("shrink", "prune")
+CHANNEL_SELECTIONS = ("qr", "variance")
+HIDDEN_CUTS = ("coordinates", "rotation")
 CONFIG_NAME = "rmtkd_config.json"
 # Named sets of fields, applied under explicit values (`RMTKDConfig.preset`, `--preset`): `paper` is the recipe of
 # the RMT-KD paper, which the defaults depart from (see `RMTKDConfig`).
@@ -123,6 +125,15 @@ class RMTKDConfig:
             keeps every head, each narrower, rotated onto its leading query/key and value directions. Same
             parameters and FLOPs; fewer, wider heads run attention faster (its softmax work scales with the number
             of heads), and on Rotten Tomatoes pruning lost no accuracy where shrinking lost 1.4 points (README).
+        channel_selection (`str`, *optional*, defaults to `"qr"`): which channels a site that cannot be rotated
+            keeps: `qr` (pivoted QR on the kept eigenvectors: the coordinates that best span them) or `variance`
+            (the largest diagonal of the second moment). Readers are refitted by least squares either way.
+        hidden_cut (`str`, *optional*, defaults to `"coordinates"`): how a post-LayerNorm encoder's residual
+            stream (the hidden width) is cut: `coordinates` keeps k of its coordinates and slices the LayerNorms
+            (stock format, exact only at k = d); `rotation` rotates every stretch of the stream between two
+            LayerNorms onto its leading k directions and folds the LayerNorms exactly (`optimum_rmtkd.layers`),
+            which needs `output_format="per-layer"` (two k×k matrices per LayerNorm). Pre-RMSNorm decoders always
+            rotate, in the stock format.
         ridge (`float`, *optional*, defaults to 1e-4): ridge of the least-squares refit of readers, relative
             to the mean diagonal of the kept second moment.
         output_format (`str`, *optional*, defaults to `"stock"`): `stock` saves the stock architecture with
@@ -182,6 +193,8 @@ class RMTKDConfig:
     width_multiple: int = 8
     min_width: int = 8
     head_reduction: str = "prune"
+    channel_selection: str = "qr"
+    hidden_cut: str = "coordinates"
     ridge: float = 1e-4
     output_format: str = "stock"
     alpha: float = 0.7
@@ -229,6 +242,14 @@ class RMTKDConfig:
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         _check_choice("on_metric_drop", self.on_metric_drop, METRIC_DROP_ACTIONS)
         _check_choice("head_reduction", self.head_reduction, HEAD_REDUCTIONS)
+        _check_choice("channel_selection", self.channel_selection, CHANNEL_SELECTIONS)
+        _check_choice("hidden_cut", self.hidden_cut, HIDDEN_CUTS)
+        if self.hidden_cut == "rotation" and self.output_format != "per-layer":
+            raise ValueError(
+                "`hidden_cut='rotation'` stores a k×k matrix per LayerNorm, which the stock architecture cannot hold; "
+                "add `output_format='per-layer'` (`--output-format per-layer`), or keep `hidden_cut='coordinates'` "
+                "for a stock checkpoint."
+            )
         if not self.sites:
             raise ValueError("`sites` must name at least one site kind, got an empty sequence.")
         for kind in self.sites:

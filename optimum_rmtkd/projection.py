@@ -17,6 +17,8 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from .layers import RotatedLayerNorm
+
 
 def select_channels(eigenvectors: torch.Tensor, width: int) -> torch.Tensor:
     """Choose `width` coordinates that best span the top `width` eigenvectors (pivoted QR on Pᵀ).
@@ -37,6 +39,32 @@ def select_channels(eigenvectors: torch.Tensor, width: int) -> torch.Tensor:
     # Column pivoting on P (width × dim) orders coordinates by how much new span of the kept subspace they add.
     _, _, pivots = scipy.linalg.qr(basis.T, mode="economic", pivoting=True)
     return torch.from_numpy(np.sort(pivots[:width])).long()
+
+
+def top_channels(scores: torch.Tensor, width: int) -> torch.Tensor:
+    """The `width` indices of the largest scores (ties broken by the lower index), sorted ascending (`keep`)."""
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or not 1 <= width <= scores.numel():
+        raise ValueError(f"`width` must be an integer in [1, {scores.numel()}], got {width!r}.")
+    order = torch.argsort(scores.detach().to(torch.float64).cpu(), descending=True, stable=True)
+    return torch.sort(order[:width]).values
+
+
+def variance_channels(second_moment: torch.Tensor, width: int) -> torch.Tensor:
+    """Keep the channels with the largest diagonal of the calibration second moment E[x xᵀ].
+
+    It uses the same data as `select_channels` but looks at each channel alone, ignoring the correlations the kept
+    eigenvectors capture (`RMTKDConfig.channel_selection="variance"`).
+
+    Args:
+        second_moment (`torch.Tensor`): the d × d calibration second moment (or covariance) of the site.
+        width (`int`): channels to keep, in [1, d].
+
+    Returns:
+        `torch.Tensor`: the `width` kept channel indices, ascending (`keep`); ties go to the lower index.
+    """
+    if second_moment.ndim != 2 or second_moment.shape[0] != second_moment.shape[1]:
+        raise ValueError(f"`second_moment` must be a square matrix, got shape {tuple(second_moment.shape)}.")
+    return top_channels(torch.diagonal(second_moment), width)
 
 
 def refit_reader_weight(
@@ -60,6 +88,28 @@ def refit_reader_weight(
     rhs = (weight.detach().to(torch.float64).cpu() @ cross).T
     solution = torch.linalg.solve(gram, rhs).T
     return solution.to(dtype=weight.dtype, device=weight.device)
+
+
+def refit_projected_reader(
+    linear: nn.Linear, projection: torch.Tensor, second_moment: torch.Tensor, ridge: float = 1e-4
+) -> nn.Linear:
+    """A copy of a reader whose input is now P x (P: k × dim, orthonormal rows), refitted by least squares on the
+    second moment Σ of x: W ← W Σ Pᵀ (P Σ Pᵀ + εI)⁻¹, the W' minimising E‖W x − W' P x‖².
+
+    `refit_reader_weight` is the case of P a selection of coordinates. When the rows of P are eigenvectors of Σ this
+    is W Pᵀ (also what a square P gives); a basis shared by several readers (a residual stream's) differs from each one's own eigenvectors, and
+    the refit recovers what each reader can predict of the dropped directions from the kept ones.
+    """
+    p = projection.to(torch.float64).cpu()
+    if p.shape[0] == p.shape[1]:  # a rotation keeping every direction: exact, W Pᵀ (the ridge would perturb it)
+        return rotate_linear_inputs(linear, p)
+    sigma = second_moment.to(torch.float64).cpu()
+    gram = p @ sigma @ p.T
+    eps = ridge * float(torch.diagonal(gram).mean().clamp_min(1e-12))
+    gram = gram + eps * torch.eye(p.shape[0], dtype=torch.float64)
+    rhs = (linear.weight.detach().to(torch.float64).cpu() @ sigma @ p.T).T
+    weight = torch.linalg.solve(gram, rhs).T
+    return slice_linear_inputs(linear, torch.arange(p.shape[0]), weight.to(linear.weight.dtype))
 
 
 def refit_conv_weight(
@@ -280,12 +330,28 @@ def slice_writer(module: nn.Module, keep: torch.Tensor) -> nn.Module:
 
 
 def slice_norm(module: nn.Module, keep: torch.Tensor) -> nn.Module:
-    """A copy of a normalisation over the `keep` channels (LayerNorm: γ, β; BatchNorm2d: also running statistics)."""
+    """A copy of a normalisation over the `keep` channels (LayerNorm: γ, β; BatchNorm2d: also running statistics; a
+    `RotatedLayerNorm`: the `keep` rows and columns of its matrices, which is exact on the kept coordinates)."""
     if isinstance(module, nn.LayerNorm):
         return slice_layer_norm(module, keep)
     if isinstance(module, nn.BatchNorm2d):
         return slice_batch_norm(module, keep)
-    raise TypeError(f"A norm must be an nn.LayerNorm or nn.BatchNorm2d, got {type(module).__name__}.")
+    if isinstance(module, RotatedLayerNorm):
+        selection = torch.eye(module.out_features, dtype=torch.float64)[keep.cpu()]
+        return module.projected(selection, selection)
+    raise TypeError(
+        f"A norm must be an nn.LayerNorm, nn.BatchNorm2d or RotatedLayerNorm, got {type(module).__name__}."
+    )
+
+
+def project_norm(module: nn.Module, p_in: torch.Tensor, p_out: torch.Tensor) -> RotatedLayerNorm:
+    """A LayerNorm (or `RotatedLayerNorm`) that reads the stream rotated by `p_in` and writes it rotated by `p_out`
+    (k × width, orthonormal rows): the exact fold of `optimum_rmtkd.layers`, a `RotatedLayerNorm`."""
+    if isinstance(module, nn.LayerNorm):
+        module = RotatedLayerNorm.from_layer_norm(module)
+    if not isinstance(module, RotatedLayerNorm):
+        raise TypeError(f"Only a LayerNorm can be folded through a rotation, got {type(module).__name__}.")
+    return module.projected(p_in, p_out)
 
 
 def refit_and_slice_reader(

@@ -17,8 +17,10 @@ from optimum_rmtkd import __version__
 from optimum_rmtkd.commands.base import CONFIG_FLAGS
 from optimum_rmtkd.commands.rmtkd_cli import RMTKDCommand
 from optimum_rmtkd.configuration import (
+    CHANNEL_SELECTIONS,
     ESTIMATORS,
     HEAD_REDUCTIONS,
+    HIDDEN_CUTS,
     METRIC_DROP_ACTIONS,
     MIXED_PRECISIONS,
     OUTPUT_FORMATS,
@@ -103,7 +105,8 @@ def test_choices_are_the_library_option_sets():
     # One definition: the parsers offer the very tuples `RMTKDConfig` checks against, and the registered tasks.
     expected = {"estimator": ESTIMATORS, "sample_unit": SAMPLE_UNITS, "sites": SITE_KINDS,
                 "head_reduction": HEAD_REDUCTIONS, "output_format": OUTPUT_FORMATS,
-                "on_metric_drop": METRIC_DROP_ACTIONS, "mixed_precision": MIXED_PRECISIONS}
+                "on_metric_drop": METRIC_DROP_ACTIONS, "mixed_precision": MIXED_PRECISIONS,
+                "channel_selection": CHANNEL_SELECTIONS, "hidden_cut": HIDDEN_CUTS}
     assert {flag.field: flag.choices for flag in CONFIG_FLAGS if flag.choices is not None} == expected
     from optimum.commands.base import RootOptimumCLICommand
 

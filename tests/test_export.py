@@ -282,3 +282,27 @@ def test_export_of_a_registered_per_layer_type(model_dirs, tmp_path):
         if len(tensor.dims) == 2 and ({16, 37} & set(tensor.dims))
     )
     assert ffn_shapes == [(16, 32), (32, 16), (32, 37), (37, 32)]
+
+
+def test_rotation_cut_model_exports_and_validates(model_dirs, tmp_path):
+    # The registered per-layer type with `RotatedLayerNorm`s (hidden_cut="rotation") exports with plain ONNX ops and
+    # matches PyTorch; the exported config keeps the registered type so the folder says what it holds.
+    from optimum_rmtkd.adapters import get_adapter
+    from optimum_rmtkd.calibration import collect_statistics
+    from optimum_rmtkd.configuration import RMTKDConfig
+    from optimum_rmtkd.modeling.per_layer import as_registered_type
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dirs["bert"]).eval()
+    adapter = get_adapter(model)
+    hidden = adapter.sites(model)[0]
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(5, 100, (4, 9), generator=g), "attention_mask": torch.ones(4, 9, dtype=torch.long)}
+               for _ in range(2)]
+    stats = collect_statistics(model, batches, adapter.required_captures([hidden]))
+    config = RMTKDConfig(hidden_cut="rotation", output_format="per-layer")
+    model = as_registered_type(adapter.reduce(model, [hidden], {"hidden": 16}, stats, config))
+    save_compressed_model(model, None, tmp_path / "rotated", "per-layer")
+    result = export_onnx(tmp_path / "rotated", tmp_path / "onnx")
+    assert result.passed and all(diff < 1e-4 for diff in result.max_abs_diff.values())
+    assert AutoConfig.from_pretrained(tmp_path / "onnx").rotated_layer_norm_dim == 32

@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from ..covariance import merged
-from ..projection import refit_and_slice_reader, select_channels, set_submodule, slice_norm, slice_writer
+from ..projection import (
+    refit_and_slice_reader,
+    select_channels,
+    set_submodule,
+    slice_norm,
+    slice_writer,
+    variance_channels,
+)
 
 if TYPE_CHECKING:
     from ..configuration import RMTKDConfig
@@ -201,12 +208,14 @@ class Adapter(ABC):
     # --- the table walk ----------------------------------------------------------------------------------------
     @staticmethod
     def site_channels(
-        site: Site, width: int, stats: Dict[str, "SecondMomentAccumulator"], centered: bool
+        site: Site, width: int, stats: Dict[str, "SecondMomentAccumulator"], config: "RMTKDConfig"
     ) -> torch.Tensor:
-        """The `width` channels a site keeps (`keep`): pivoted QR on the leading eigenvectors of its spectrum, pooled
-        over its capture points."""
-        eigen = merged([stats[point.key] for point in site.captures]).eigh(centered=centered)
-        return select_channels(eigen.eigenvectors, width)
+        """The `width` channels a site keeps (`keep`), chosen on its spectrum pooled over its capture points by
+        `config.channel_selection`: pivoted QR on the leading eigenvectors, or the largest second-moment diagonal."""
+        pooled = merged([stats[point.key] for point in site.captures])
+        if config.channel_selection == "variance":
+            return variance_channels(pooled.second_moment(centered=config.centered), width)
+        return select_channels(pooled.eigh(centered=config.centered).eigenvectors, width)
 
     @staticmethod
     def refit_readers(
@@ -231,7 +240,7 @@ class Adapter(ABC):
         config: "RMTKDConfig",
     ) -> torch.Tensor:
         """Cut a site that is nothing but its tables to `width` channels (DESIGN §2(b)); returns `keep`."""
-        keep = self.site_channels(site, width, stats, config.centered)
+        keep = self.site_channels(site, width, stats, config)
         self.slice_writers(model, site, keep)
         self.refit_readers(model, site, keep, stats, config.ridge)
         return keep
@@ -249,16 +258,16 @@ def rebuild(model: nn.Module, model_cls: Optional[type] = None, config=None) -> 
 
     Needed after a cut when modules cache sizes derived from the config (an attention module's head size and score
     scale), so the in-memory model is exactly what `from_pretrained` builds from the saved folder; with another class
-    it is also how `optimum_rmtkd.modeling` turns a model into its registered per-layer type. A config with a
-    `per_layer_config` has the model's adapter resize its layers before the weights load (a stock class builds every
-    layer at the global width; for a registered class, which resizes when built, this changes nothing).
+    it is also how `optimum_rmtkd.modeling` turns a model into its registered per-layer type. The model's adapter
+    resizes the layers its config describes beyond the stock fields (`per_layer_config`, an encoder's rotated
+    LayerNorms) before the weights load: a stock class builds every layer at the global width; for a registered
+    class, which resizes when built, this changes nothing.
     """
     model_cls = type(model) if model_cls is None else model_cls
     config = model.config if config is None else config
     reference = next(model.parameters())
     rebuilt = model_cls(config).to(device=reference.device, dtype=reference.dtype)
-    if per_layer_widths(config):
-        get_adapter(rebuilt).resize_per_layer(rebuilt)
+    get_adapter(rebuilt).resize_per_layer(rebuilt)
     rebuilt.load_state_dict(model.state_dict())
     rebuilt.train(model.training)
     return rebuilt

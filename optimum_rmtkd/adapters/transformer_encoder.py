@@ -10,9 +10,17 @@ Sites (one table per architecture file gives the module names):
 | head (pooler) width      | tied to hidden width  | head input dense (rows)                   | head output (columns)            | nonlinear |
 
 The residual stream passes through LayerNorms, which are not rotation-equivariant (DESIGN §8): a rotation folded
-through them breaks the model even at full width. In the stock format it is therefore reduced by keeping
-coordinates (pivoted QR on the kept eigenvectors), slicing every LayerNorm with them and refitting each reader by
-least squares on the second moment at its own input. The FFN and residual sites are cut by walking their tables
+through stock LayerNorms breaks the model even at full width. It is cut in one of two ways
+(`RMTKDConfig.hidden_cut`):
+
+- `coordinates` (stock format): keep k coordinates (`RMTKDConfig.channel_selection`), slice every LayerNorm with
+  them and refit each reader by least squares on the second moment at its own input.
+- `rotation` (registered per-layer format): every stretch of the stream between two LayerNorms (a *segment*: the
+  embeddings' sum, then the output of each LayerNorm with the sublayer output added to it) is rotated onto the
+  leading k directions of its own second moment; writers and readers fold the rotation (readers refitted on their
+  input), and each LayerNorm becomes the exact `RotatedLayerNorm` from its input segment's basis to its output's.
+  The config records `rotated_layer_norm_dim` (the LayerNorms' original width) so the registered type rebuilds them.
+ The FFN and residual sites are cut by walking their tables
 (`Site.writers`, `readers`, `reader_inputs`, `norms`; see `Adapter.cut_site`); two steps are not table walks and
 are written out here:
 
@@ -38,10 +46,14 @@ import torch
 from torch import nn
 
 from ..configuration import RMTKDConfig
+from ..layers import RotatedLayerNorm
 from ..projection import (
     blocks,
     leading_directions,
+    project_norm,
     refit_and_slice_reader,
+    refit_projected_reader,
+    rotate_embedding,
     rotate_linear_inputs,
     rotate_linear_outputs,
     select_channels,
@@ -96,6 +108,13 @@ class TransformerEncoderAdapter(Adapter):
             points.append(CapturePoint(self._layer(i, self.layout.output_norm)))
         return points
 
+    def _norm_paths(self, model: nn.Module) -> Tuple[str, ...]:
+        """Every LayerNorm of the residual stream, in stream order: the embeddings', then each layer's two."""
+        lay = self.layout
+        return (lay.embeddings_norm,) + tuple(
+            self._layer(i, n) for i in range(self._num_layers(model)) for n in (lay.attention_norm, lay.output_norm)
+        )
+
     def sites(self, model: nn.Module) -> List[Site]:
         lay = self.layout
         n_layers = self._num_layers(model)
@@ -124,9 +143,11 @@ class TransformerEncoderAdapter(Adapter):
                 + tuple(self._layer(i, n) for i in range(n_layers) for n in (lay.attention_output, lay.ffn_output)),
                 readers=tuple(readers),
                 reader_inputs=tuple(reader_inputs),
-                norms=(lay.embeddings_norm,)
-                + tuple(self._layer(i, n) for i in range(n_layers) for n in (lay.attention_norm, lay.output_norm)),
-                extra_captures=attention + (CapturePoint(lay.head_output, side="input", layout="vector"),),
+                norms=self._norm_paths(model),
+                # The LayerNorms' inputs give the rotation cut each segment's far end (and the embeddings' sum).
+                extra_captures=attention
+                + (CapturePoint(lay.head_output, side="input", layout="vector"),)
+                + tuple(CapturePoint(path, side="input") for path in self._norm_paths(model)),
             )
         ]
         for i in range(n_layers):
@@ -212,32 +233,92 @@ class TransformerEncoderAdapter(Adapter):
                 f"multiple of {old_head_dim}, got {width}; `kept_width` rounds to one."
             )
         kept_heads = width // old_head_dim if prune else heads
-        keep = self.site_channels(site, width, stats, config.centered)
-        # Readers first: each is refitted on its own input before the attention step narrows Q/K/V's outputs.
-        self.refit_readers(model, site, keep, stats, config.ridge)
+        rotation = config.hidden_cut == "rotation"
+        if rotation:
+            bases = self._segment_bases(model, site, width, stats)
+            self._rotate_readers(model, bases, stats, config.ridge)
+        else:
+            keep = self.site_channels(site, width, stats, config)
+            # Readers first: each is refitted on its own input before the attention step narrows Q/K/V's outputs.
+            self.refit_readers(model, site, keep, stats, config.ridge)
         for i in range(self._num_layers(model)):
             if prune:
-                self._prune_heads(model, i, keep, stats, heads, kept_heads)
+                # The attention output's rows as the kept stream receives them (its segment is the one Q/K/V read).
+                weight = model.get_submodule(self._layer(i, lay.attention_output)).weight
+                written = bases[2 * i].to(weight) @ weight if rotation else weight[keep.to(weight.device)]
+                self._prune_heads(model, i, written, stats, heads, kept_heads)
             else:
                 self._shrink_heads(model, i, stats, heads, old_head_dim, width // heads)
         # Writers after the attention step: the attention output's inputs change there, its outputs here.
-        self.slice_writers(model, site, keep)
+        if rotation:
+            self._rotate_writers_and_norms(model, bases)
+            if getattr(model.config, "rotated_layer_norm_dim", None) is None:
+                model.config.rotated_layer_norm_dim = site.dim
+        else:
+            self.slice_writers(model, site, keep)
         self._reduce_head_width(model, width, stats, config)
         setattr(model.config, lay.hidden_field, width)
         setattr(model.config, lay.heads_field, kept_heads)
+
+    # --- the rotation cut of the residual stream ----------------------------------------------------------------
+    def _segment_bases(self, model, site: Site, width: int, stats) -> Dict[int, torch.Tensor]:
+        """The basis (k × d, orthonormal rows) of every segment of the stream: -1 is the embeddings' sum (the first
+        LayerNorm's input), j the output of LayerNorm j with what the next sublayer adds to it (LayerNorm j+1's
+        input). Each is the leading directions of its second moments at both ends, each end normalised by its
+        trace so that neither dominates by scale; uncentred, since the stream's mean is signal the bias carries."""
+        norms = self._norm_paths(model)
+
+        def moment(point: CapturePoint) -> torch.Tensor:
+            sigma = stats[point.key].second_moment().to(torch.float64).cpu()
+            return sigma / torch.trace(sigma).clamp_min(1e-12)
+
+        bases = {-1: leading_directions(moment(CapturePoint(norms[0], side="input")), width)}
+        for j, path in enumerate(norms):
+            joint = moment(CapturePoint(path))
+            if j + 1 < len(norms):
+                joint = joint + moment(CapturePoint(norms[j + 1], side="input"))
+            bases[j] = leading_directions(joint, width)
+        return bases
+
+    def _rotate_readers(self, model, bases: Dict[int, torch.Tensor], stats, ridge: float) -> None:
+        """Fold each segment's basis into the linears that read it, refitted on their own input: Q/K/V of layer i
+        read segment 2i, its FFN input segment 2i + 1, the task head the [CLS] vector of the last segment."""
+        lay = self.layout
+        n_layers = self._num_layers(model)
+        readers = [(self._layer(i, n), 2 * i, self._hidden_inputs(model)[2 * i]) for i in range(n_layers)
+                   for n in (lay.query, lay.key, lay.value)]
+        readers += [(self._layer(i, lay.ffn_input), 2 * i + 1, self._hidden_inputs(model)[2 * i + 1])
+                    for i in range(n_layers)]
+        readers.append((lay.head_input, 2 * n_layers, CapturePoint(lay.head_input, side="input", layout="vector")))
+        for path, segment, point in readers:
+            sigma = stats[point.key].second_moment()
+            set_submodule(model, path, refit_projected_reader(model.get_submodule(path), bases[segment], sigma, ridge))
+
+    def _rotate_writers_and_norms(self, model, bases: Dict[int, torch.Tensor]) -> None:
+        """Fold each segment's basis into what writes it (embeddings; the attention and FFN outputs add to the
+        segments of the LayerNorms before them) and turn LayerNorm j into the exact fold from segment j − 1 to j."""
+        lay = self.layout
+        for path in lay.embeddings:
+            set_submodule(model, path, rotate_embedding(model.get_submodule(path), bases[-1]))
+        for i in range(self._num_layers(model)):
+            for name, segment in ((lay.attention_output, 2 * i), (lay.ffn_output, 2 * i + 1)):
+                path = self._layer(i, name)
+                set_submodule(model, path, rotate_linear_outputs(model.get_submodule(path), bases[segment]))
+        for j, path in enumerate(self._norm_paths(model)):
+            set_submodule(model, path, project_norm(model.get_submodule(path), bases[j - 1], bases[j]))
 
     def _attention_paths(self, layer: int) -> Tuple[str, str, str, str]:
         lay = self.layout
         return tuple(self._layer(layer, n) for n in (lay.query, lay.key, lay.value, lay.attention_output))
 
-    def _prune_heads(self, model, layer: int, keep: torch.Tensor, stats, heads: int, kept_heads: int) -> None:
-        """Keep the `kept_heads` heads of a layer whose share of the attention output (at the kept coordinates) has
-        the largest second moment (`_strongest_heads`): Q/K/V lose the other heads' outputs, the attention output its
-        inputs from them."""
+    def _prune_heads(self, model, layer: int, written: torch.Tensor, stats, heads: int, kept_heads: int) -> None:
+        """Keep the `kept_heads` heads of a layer whose share of the attention output (`written`: its weight as the
+        kept stream receives it) has the largest second moment (`_strongest_heads`): Q/K/V lose the other heads'
+        outputs, the attention output its inputs from them."""
         q_path, k_path, v_path, out_path = self._attention_paths(layer)
         output = model.get_submodule(out_path)
         context = stats[CapturePoint(out_path, side="input").key].second_moment()
-        inner = _strongest_heads(output.weight[keep.to(output.weight.device)], context, heads, kept_heads)
+        inner = _strongest_heads(written, context, heads, kept_heads)
         for path in (q_path, k_path, v_path):
             set_submodule(model, path, slice_linear_outputs(model.get_submodule(path), inner))
         set_submodule(model, out_path, slice_linear_inputs(output, inner))
@@ -304,6 +385,16 @@ class TransformerEncoderAdapter(Adapter):
             keep = torch.arange(width)
             set_submodule(model, writer_path, slice_linear_outputs(model.get_submodule(writer_path), keep))
             set_submodule(model, reader_path, slice_linear_inputs(model.get_submodule(reader_path), keep))
+        normalized_dim = getattr(model.config, "rotated_layer_norm_dim", None)
+        if normalized_dim is not None:  # a rotation cut: every LayerNorm of the stream is a `RotatedLayerNorm`
+            for path in self._norm_paths(model):
+                norm = model.get_submodule(path)
+                if isinstance(norm, nn.LayerNorm):
+                    (width,) = norm.normalized_shape
+                    rotated = RotatedLayerNorm(
+                        width, width, normalized_dim, norm.eps, device=norm.weight.device, dtype=norm.weight.dtype
+                    )
+                    set_submodule(model, path, rotated)
 
 
 def _strongest_heads(output_weight: torch.Tensor, context_moment: torch.Tensor, heads: int, kept: int) -> torch.Tensor:

@@ -24,9 +24,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from optimum.commands.base import BaseOptimumCLICommand
 
 from ..configuration import (
+    CHANNEL_SELECTIONS,
     CONFIG_NAME,
     ESTIMATORS,
     HEAD_REDUCTIONS,
+    HIDDEN_CUTS,
     METRIC_DROP_ACTIONS,
     MIXED_PRECISIONS,
     OUTPUT_FORMATS,
@@ -424,6 +426,11 @@ CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
     ConfigFlag("min_width", int, "No site is reduced below this width."),
     ConfigFlag("head_reduction", str, "How attention follows a narrower hidden width: `prune` whole heads "
                "(fewer, wider heads: faster attention) or `shrink` every head.", choices=HEAD_REDUCTIONS),
+    ConfigFlag("channel_selection", str, "Which channels a site keeps when it cannot be rotated: `qr` on the kept "
+               "eigenvectors or the largest `variance`; readers are refitted either way.", choices=CHANNEL_SELECTIONS),
+    ConfigFlag("hidden_cut", str, "How an encoder's hidden width is cut: keep `coordinates` (stock format) or "
+               "`rotation` with the LayerNorms folded exactly (needs --output-format per-layer; slower).",
+               choices=HIDDEN_CUTS),
     ConfigFlag("output_format", str, "`stock`: stock architecture, uniform widths, plain from_pretrained; "
                "`per-layer`: each layer's own width in a registered rmtkd_<base> type.", choices=OUTPUT_FORMATS),
     ConfigFlag("distillation_epochs", float, "Self-distillation epochs after each reduction."),
@@ -446,7 +453,8 @@ CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
 )
 ANALYSIS_FIELDS = (
     "estimator", "quantile", "tw_alpha", "sigma2_scale", "centered", "sample_unit", "sites", "calibration_fraction",
-    "max_calibration_examples", "width_multiple", "min_width", "head_reduction", "output_format", "batch_size",
+    "max_calibration_examples", "width_multiple", "min_width", "head_reduction", "channel_selection", "hidden_cut",
+    "output_format", "batch_size",
     "max_length", "seed",
 )
 

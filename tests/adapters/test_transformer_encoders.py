@@ -279,3 +279,56 @@ def test_kept_width_aligns_heads_for_the_hidden_width(bert_dir):
     assert [adapter.kept_width(model, hidden, r, prune) for r in (1, 9, 17, 30)] == [8, 16, 24, 32]
     prune16 = RMTKDConfig(width_multiple=16, min_width=1, head_reduction="prune")
     assert [adapter.kept_width(model, hidden, r, prune16) for r in (1, 17)] == [16, 32]
+
+
+@pytest.mark.parametrize("head_reduction", ["shrink", "prune"])
+def test_rotation_cut_at_full_width_is_exact(sharp_dir, head_reduction):
+    # Every segment rotated by a full orthogonal basis and every LayerNorm folded (DESIGN §8): the model is unchanged,
+    # though stock LayerNorms under the same rotation would break it.
+    reference = AutoModelForSequenceClassification.from_pretrained(sharp_dir).eval()
+    reduced = _reduce(sharp_dir, None, None, head_reduction=head_reduction, hidden_cut="rotation",
+                      output_format="per-layer")
+    assert reduced.config.rotated_layer_norm_dim == reference.config.to_dict()[FIELDS[reference.config.model_type][0]]
+    for batch in _batches():
+        torch.testing.assert_close(_logits(reduced, batch), _logits(reference, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_rotation_cut_reloads_as_registered_type_with_equal_logits(sharp_dir, tmp_path):
+    from optimum_rmtkd.layers import RotatedLayerNorm
+
+    model = as_registered_type(_reduce(sharp_dir, 16, None, hidden_cut="rotation", output_format="per-layer"))
+    hidden_field, _ = FIELDS[model.config.model_type.removeprefix("rmtkd_")]
+    assert getattr(model.config, hidden_field) == 16
+    norms = get_adapter(model).sites(model)[0].norms
+    for path in norms:
+        norm = model.get_submodule(path)
+        assert isinstance(norm, RotatedLayerNorm) and tuple(norm.weight.shape) == (16, 16)
+        assert norm.normalized_dim == 32 and not norm.gram.requires_grad
+    save_compressed_model(model, None, tmp_path / "out", "per-layer")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded) is type(model)
+    assert all(isinstance(reloaded.get_submodule(path), RotatedLayerNorm) for path in norms)
+    batch = _batches()[2]
+    torch.testing.assert_close(_logits(reloaded, batch), _logits(model.eval(), batch), rtol=0, atol=0)
+
+
+def test_rotation_needs_the_per_layer_format():
+    with pytest.raises(ValueError, match=r"`hidden_cut='rotation'` stores a k×k matrix per LayerNorm.*add "
+                                         r"`output_format='per-layer'`"):
+        RMTKDConfig(hidden_cut="rotation")
+
+
+def test_variance_selection_keeps_the_strongest_coordinates(bert_dir):
+    from optimum_rmtkd.adapters.base import Adapter
+
+    model = AutoModelForSequenceClassification.from_pretrained(bert_dir).eval()
+    adapter = get_adapter(model)
+    hidden = adapter.sites(model)[0]
+    stats = collect_statistics(model, _batches(), adapter.required_captures([hidden]))
+    from optimum_rmtkd.covariance import merged
+
+    diagonal = torch.diagonal(merged([stats[p.key] for p in hidden.captures]).second_moment())
+    keep = Adapter.site_channels(hidden, 8, stats, RMTKDConfig(channel_selection="variance"))
+    assert keep.tolist() == sorted(torch.topk(diagonal, 8).indices.tolist())
+    qr = Adapter.site_channels(hidden, 8, stats, RMTKDConfig())
+    assert qr.numel() == 8 and qr.tolist() == sorted(qr.tolist())
