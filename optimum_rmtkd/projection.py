@@ -218,6 +218,37 @@ def slice_layer_norm(norm: nn.LayerNorm, keep: torch.Tensor) -> nn.LayerNorm:
 
 
 @torch.no_grad()
+def slice_layer_norm_rescaled(
+    norm: nn.LayerNorm, keep: torch.Tensor, input_moment: torch.Tensor, input_mean: torch.Tensor
+) -> nn.LayerNorm:
+    """`slice_layer_norm`, with γ and β corrected for normalising over the kept coordinates only.
+
+    A LayerNorm sliced to S computes its mean μ_S and spread σ_S over S, where the model was trained with μ and σ over
+    every coordinate. With σ_S ≈ c σ, c² = E[σ_S²] / E[σ²] from the input's second moment M (E[σ²] = tr(C M) / d, C the
+    centring matrix), γ_S c and β_S + γ_S (E[μ_S] − E[μ]) / √E[σ²] give back the kept coordinates of the full-width
+    output on average; what varies token by token stays (the stock LayerNorm cannot compute σ over dropped
+    coordinates). Exact when every coordinate is kept.
+    """
+    dim = input_moment.shape[0]
+    if keep.numel() == dim:
+        return slice_layer_norm(norm, keep)
+    moment = input_moment.to(torch.float64).cpu()
+    mean = input_mean.to(torch.float64).cpu()
+    kept_moment, kept_mean = moment[keep][:, keep], mean[keep]
+    full_variance = (torch.trace(moment) - moment.sum() / dim) / dim
+    kept_variance = (torch.trace(kept_moment) - kept_moment.sum() / keep.numel()) / keep.numel()
+    scale = torch.sqrt(kept_variance / full_variance.clamp_min(1e-12))
+    new = slice_layer_norm(norm, keep)
+    if norm.elementwise_affine:
+        gamma = norm.weight.detach().double().cpu()[keep]
+        shift = gamma * (kept_mean.mean() - mean.mean()) / torch.sqrt(full_variance.clamp_min(1e-12))
+        new.weight.copy_(gamma * scale)
+        if norm.bias is not None:
+            new.bias.copy_(norm.bias.detach().double().cpu()[keep] + shift)
+    return new
+
+
+@torch.no_grad()
 def slice_conv2d(conv: nn.Conv2d, keep_out: torch.Tensor | None = None, keep_in: torch.Tensor | None = None,
                  weight: torch.Tensor | None = None) -> nn.Conv2d:
     """A copy of a (non-grouped) `conv` keeping output channels `keep_out` and input channels `keep_in`."""

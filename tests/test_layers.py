@@ -64,3 +64,28 @@ def test_gram_is_not_trained(layer_norm):
     rotated = RotatedLayerNorm.from_layer_norm(layer_norm)
     assert {name for name, p in rotated.named_parameters() if p.requires_grad} == {"weight", "bias"}
     assert set(rotated.state_dict()) == {"weight", "gram", "bias"}
+
+
+def test_rescaled_slice_corrects_the_spread_over_kept_coordinates():
+    # Tokens x = c·1 + v (v fixed, c per token; LayerNorm ignores c): a LayerNorm over the kept coordinates alone sees
+    # another σ and mean than the full one, in a ratio that does not vary from token to token, so the corrected γ, β
+    # give back the full-width output on the kept coordinates exactly; the plain slice does not.
+    from optimum_rmtkd.projection import slice_layer_norm_rescaled
+
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(6, eps=0.0).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    v = torch.tensor([3.0, -2.0, 4.0, 0.5, -0.5, 0.1], dtype=torch.float64)
+    x = torch.randn(5, 1, dtype=torch.float64) + v
+    keep = torch.tensor([0, 1, 2])
+    moment, mean = x.T @ x / len(x), x.mean(0)
+    rescaled = slice_layer_norm_rescaled(norm, keep, moment, mean)
+    plain = slice_norm(norm, keep)
+    full = norm(x)[:, keep]
+    assert (rescaled(x[:, keep]) - full).abs().max() < (plain(x[:, keep]) - full).abs().max()
+    torch.testing.assert_close(rescaled(x[:, keep]), full, rtol=1e-9, atol=1e-9)
+    # Every coordinate kept: the plain slice, exact.
+    everything = slice_layer_norm_rescaled(norm, torch.arange(6), moment, mean)
+    torch.testing.assert_close(everything(x), norm(x), rtol=0, atol=0)

@@ -14,7 +14,8 @@ through stock LayerNorms breaks the model even at full width. It is cut in one o
 (`RMTKDConfig.hidden_cut`):
 
 - `coordinates` (stock format): keep k coordinates (`RMTKDConfig.channel_selection`), slice every LayerNorm with
-  them and refit each reader by least squares on the second moment at its own input.
+  them, its γ and β corrected for normalising over k coordinates instead of d (`slice_layer_norm_rescaled`), and
+  refit each reader by least squares on the second moment at its own input.
 - `rotation` (registered per-layer format): every stretch of the stream between two LayerNorms (a *segment*: the
   embeddings' sum, then the output of each LayerNorm with the sublayer output added to it) is rotated onto the
   leading k directions of its own second moment; writers and readers fold the rotation (readers refitted on their
@@ -58,8 +59,11 @@ from ..projection import (
     rotate_linear_outputs,
     select_channels,
     set_submodule,
+    slice_layer_norm_rescaled,
     slice_linear_inputs,
     slice_linear_outputs,
+    slice_norm,
+    slice_writer,
 )
 from .base import Adapter, CapturePoint, Site, per_layer_widths, rebuild
 
@@ -255,10 +259,25 @@ class TransformerEncoderAdapter(Adapter):
             if getattr(model.config, "rotated_layer_norm_dim", None) is None:
                 model.config.rotated_layer_norm_dim = site.dim
         else:
-            self.slice_writers(model, site, keep)
+            self._slice_writers_and_norms(model, site, keep, stats)
         self._reduce_head_width(model, width, stats, config)
         setattr(model.config, lay.hidden_field, width)
         setattr(model.config, lay.heads_field, kept_heads)
+
+    def _slice_writers_and_norms(self, model, site: Site, keep: torch.Tensor, stats) -> None:
+        """The coordinate cut's writers and LayerNorms: writers sliced; each stock LayerNorm sliced with γ and β
+        corrected for normalising over the kept coordinates only (`slice_layer_norm_rescaled`, from the statistics
+        of its input); an already rotated one sliced exactly."""
+        for path in site.writers:
+            set_submodule(model, path, slice_writer(model.get_submodule(path), keep))
+        for path in site.norms:
+            norm = model.get_submodule(path)
+            if isinstance(norm, nn.LayerNorm):
+                inputs = stats[CapturePoint(path, side="input").key]
+                norm = slice_layer_norm_rescaled(norm, keep, inputs.second_moment(), inputs.mean())
+            else:
+                norm = slice_norm(norm, keep)
+            set_submodule(model, path, norm)
 
     # --- the rotation cut of the residual stream ----------------------------------------------------------------
     def _segment_bases(self, model, site: Site, width: int, stats) -> Dict[int, torch.Tensor]:
