@@ -59,6 +59,22 @@ def test_per_layer_output_goes_layer_by_layer(bert_dir, text_splits, tmp_path):
     assert widths == [s["kept_width"] for s in result.report["sites"]]
 
 
+def test_rotation_cut_of_the_hidden_width_end_to_end(bert_dir, text_splits, tmp_path):
+    # `hidden_cut="rotation"` through the compressor: the hidden stage folds every LayerNorm, the FFN stages follow
+    # on the rotated model, and the registered type reloads with the compressor's logits.
+    from optimum_rmtkd.layers import RotatedLayerNorm
+
+    result = _compress(bert_dir, text_splits, tmp_path / "out", output_format="per-layer", hidden_cut="rotation")
+    assert result.report["stages"][0]["sites"] == ["hidden"]
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert reloaded.config.model_type == "rmtkd_bert" and reloaded.config.rotated_layer_norm_dim == 32
+    assert isinstance(reloaded.bert.embeddings.LayerNorm, RotatedLayerNorm)
+    assert reloaded.config.hidden_size < 32
+    batch = {"input_ids": torch.randint(5, 100, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, result.model.eval()(**batch).logits, rtol=0, atol=0)
+
+
 def test_input_model_is_never_modified(bert_dir, text_splits, tmp_path):
     compressor = RMTKDCompressor.from_pretrained(bert_dir)
     before = _state(compressor.model)
