@@ -40,7 +40,7 @@ from .tasks.base import Columns, Task
 from .utils.import_utils import is_matplotlib_available
 from .utils.io import atomic_directory, atomic_write_json, check_output_folder
 from .version import __version__
-from .widths import decide_widths, widths_for_ranks
+from .widths import Allocation, allocate_widths, decide_widths, widths_for_ranks
 
 logger = logging.get_logger(__name__)
 
@@ -65,6 +65,8 @@ class RMTKDAnalysis:
         n_examples (`int`): calibration examples the statistics came from.
         config (`RMTKDConfig`): the settings used.
         source (`str`, *optional*): where the model came from, if known.
+        allocation (`Allocation`, *optional*): with `config.target_reduction`, the widths that meet it with the
+            spectra deciding where to cut (`allocate_widths`), and what a uniform cut would keep.
     """
 
     model_type: str
@@ -74,6 +76,7 @@ class RMTKDAnalysis:
     n_examples: int
     config: RMTKDConfig
     source: Optional[str] = None
+    allocation: Optional[Allocation] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -89,6 +92,7 @@ class RMTKDAnalysis:
                      saved_widths=self.saved_widths[site.name])
                 for site in self.sites
             ],
+            "allocation": None if self.allocation is None else self.allocation.to_dict(),
         }
 
     def to_table(self) -> str:
@@ -114,6 +118,22 @@ class RMTKDAnalysis:
             f"{self.config.width_multiple}; in parentheses, a site's own width where the format ties it to others."
         )
         return format_table(header, rows) + "\n" + note
+
+    def to_allocation_table(self) -> str:
+        """The size target's widths (`allocation`): each site's width with the spectra deciding, beside a uniform
+        cut's to the same size, then the σ² scale found and the predicted parameter count."""
+        allocation = self.allocation
+        if allocation is None:
+            return ""
+        rows = [[site.name, str(site.original_width), str(allocation.widths[site.name]),
+                 str(allocation.uniform_widths[site.name])] for site in self.sites]
+        header = ["site", "d", f"width ({self.config.estimator}, σ² × {allocation.scale:.3g})",
+                  f"uniform ({allocation.uniform_share:.0%} kept)"]
+        return format_table(header, rows) + (
+            f"\nTarget: −{self.config.target_reduction:.1%} of {allocation.original_parameters:,} parameters (at most "
+            f"{allocation.target_parameters:,}); these widths leave {allocation.parameters:,} (−{allocation.reduction:.1%}), "
+            f"in the `{self.config.output_format}` format."
+        )
 
     def to_estimator_table(self) -> str:
         """A plain-text table: one row per site and estimator with d, n, that estimator's σ², λ₊ (its keep
@@ -179,7 +199,8 @@ def analyze_model(
             `compress`, a `config.calibration_fraction` share of it, at most `config.max_calibration_examples`
             examples, is used, so n (hence q and the bulk edge) is what `compress` would see on the same split.
         config (`RMTKDConfig`, *optional*): `sites`, the estimator and its parameters, `sample_unit`, `centered`,
-            `max_length`, `batch_size`, width rounding, `output_format` and `seed` are read from it.
+            `max_length`, `batch_size`, width rounding, `output_format`, `target_reduction` (the widths that would
+            meet it, `RMTKDAnalysis.allocation`) and `seed` are read from it.
         text_column / text_pair_column / image_column: the dataset's input column names; labels are not needed.
         source (`str`, *optional*): the model's path or Hub id, recorded in the result.
 
@@ -198,8 +219,12 @@ def analyze_model(
     inputs = task.inputs(subset, preprocessor, columns, config.max_length, "dataset")
     loader = DataLoader(inputs.with_format("torch"), batch_size=config.batch_size,
                         collate_fn=task.collator(preprocessor))
-    # Only the spectra are needed: what `reduce` would also read (`reader_inputs`, `extra_captures`) is skipped.
-    points = list({point.key: point for site in sites for point in site.captures}.values())
+    # Only the spectra are needed (and, for a size target, what the parameter count of a cut reads): what `reduce`
+    # would also read (`reader_inputs`, `extra_captures`) is otherwise skipped.
+    if config.target_reduction is not None:
+        points = adapter.required_captures(sites)
+    else:
+        points = list({point.key: point for site in sites for point in site.captures}.values())
     stats = collect_statistics(model, loader, points, sample_unit=config.sample_unit,
                                forward_kwargs=task.forward_kwargs())
 
@@ -223,7 +248,10 @@ def analyze_model(
             "weak model there, so compare the estimators' widths before choosing one.", len(heavy), len(reports),
             config.estimator,
         )
+    allocation = None
+    if config.target_reduction is not None:
+        allocation = allocate_widths(adapter, model, stats, config, config.target_reduction)
     return RMTKDAnalysis(
         model_type=model.config.model_type, sites=reports, asked_widths=asked, saved_widths=saved,
-        n_examples=len(subset), config=config, source=source,
+        n_examples=len(subset), config=config, source=source, allocation=allocation,
     )

@@ -54,7 +54,7 @@ from .tasks import get_task, task_names
 from .tasks.base import Columns, Task
 from .utils.io import atomic_write_json, check_output_folder
 from .version import __version__
-from .widths import decide_widths
+from .widths import Allocation, allocate_widths, decide_widths
 
 logger = logging.get_logger(__name__)
 
@@ -514,6 +514,8 @@ class _Run:
             if self.test_loader is not None:
                 state["baseline_test_metric"] = self.evaluate(model, self.test_loader)
             state["parameters_original"] = count_parameters(self.compressor.model)
+            if config.target_mode == "allocate":
+                state["allocation"] = self.allocate(model).to_dict()
             self.save_checkpoint(model, state)
         model = model.to(accelerator.device)
 
@@ -549,6 +551,23 @@ class _Run:
             "parameters_original": None, "calibration_peak_rss_mb": 0.0,
         }
 
+    def allocate(self, model: nn.Module) -> Allocation:
+        """The widths that meet `target_reduction` with the spectra deciding where to cut (`allocate_widths`), from
+        one calibration pass over every site the stages will cut; the stages then cut to them."""
+        sites = [site for group in self.adapter.stages(model, self.config) for site in group]
+        stats = collect_statistics(
+            model, self.calibration_loader, self.adapter.required_captures(sites), sample_unit=self.config.sample_unit,
+            accelerator=self.accelerator, forward_kwargs=self.task.forward_kwargs(),
+        )
+        allocation = allocate_widths(self.adapter, model, stats, self.config, self.config.target_reduction)
+        logger.info(
+            "Size target −%.1f%%: σ² × %.3g gives widths %s, %d parameters (−%.1f%%); a uniform cut to the same size "
+            "would keep %.0f%% of every site: %s.", 100 * self.config.target_reduction, allocation.scale,
+            allocation.widths, allocation.parameters, 100 * allocation.reduction, 100 * allocation.uniform_share,
+            allocation.uniform_widths,
+        )
+        return allocation
+
     def finetune_if_needed(self, model: nn.Module, state: Dict[str, Any]) -> nn.Module:
         config = self.config
         epochs = config.finetune_epochs if config.finetune_epochs > 0 else (1.0 if self.compressor.head_is_new else 0)
@@ -582,8 +601,10 @@ class _Run:
         logger.debug("Calibration grew RSS by %.1f MiB", (psutil.Process().memory_info().rss - rss_before) / 2**20)
         decision = decide_widths(self.adapter, model, sites, stats, config)
         widths, reports = decision.widths, decision.reports
+        if state.get("allocation"):  # a size target: the widths were allocated before the first stage
+            widths = {name: state["allocation"]["widths"][name] for name in widths}
         for name, report in reports.items():
-            state["sites"][name] = report.to_dict()
+            state["sites"][name] = dict(report.to_dict(), kept_width=widths[name])
         few = {name: report for name, report in reports.items() if report.q > 1}
         if few:
             logger.warning(
@@ -607,7 +628,7 @@ class _Run:
                 state["stages"].append(record)
                 return model
         cut = [s for s in sites if s.name in worth_it]
-        after = self.adapter.parameters_after_cut(model, cut, worth_it, stats, config.output_format)
+        after = self.adapter.parameters_after_cut(model, cut, worth_it, stats, config)
         if after is not None and after >= record["parameters"]:
             # E.g. a tied decoder's hidden cut: the head it unties adds vocab × k, more than a mild cut saves.
             record["skipped"] = (
@@ -692,6 +713,7 @@ class _Run:
             "sites": kept,
             "stages": state["stages"],
             "output_format": self.config.output_format,
+            "allocation": state.get("allocation"),
             "stop_reason": state["stop_reason"],
         }
 

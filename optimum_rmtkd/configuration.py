@@ -26,6 +26,7 @@ METRIC_DROP_ACTIONS = ("stop", "skip")
 HEAD_REDUCTIONS = ("shrink", "prune")
 CHANNEL_SELECTIONS = ("qr", "variance")
 HIDDEN_CUTS = ("coordinates", "rotation")
+TARGET_MODES = ("stop", "allocate")
 CONFIG_NAME = "rmtkd_config.json"
 # Named sets of fields, applied under explicit values (`RMTKDConfig.preset`, `--preset`): `paper` is the recipe of
 # the RMT-KD paper, which the defaults depart from (see `RMTKDConfig`).
@@ -153,7 +154,12 @@ class RMTKDConfig:
             "train until validation accuracy exceeds a threshold"); always done when the task head is new.
         trigger_metric (`float`, *optional*): validation metric that stops the pre-training early once reached (in
             the task's direction: at least this for accuracy, at most this for an error).
-        target_reduction (`float`, *optional*): stop once the parameter reduction reaches this share (0–1).
+        target_reduction (`float`, *optional*): the share (0–1) of the parameters to remove; `target_mode` says how.
+        target_mode (`str`, *optional*, defaults to `"stop"`): `stop` ends the run once the reduction reaches
+            `target_reduction` (each stage's widths come from the estimator); `allocate` meets it: before the first
+            stage every site's σ² is multiplied by one factor, found by bisection so that the predicted parameter
+            count of the output meets the target (the spectra decide where to cut), and the stages cut to those
+            widths (`optimum_rmtkd.widths.allocate_widths`).
         max_metric_drop (`float`, *optional*, defaults to 0.015): a stage whose validation metric is worse than the
             uncompressed model's by more than this, in the metric's units as the task measures a loss
             (`Task.metric_drop`: points of accuracy below; for an error, the rise), is undone; `on_metric_drop` says
@@ -211,6 +217,7 @@ class RMTKDConfig:
     finetune_epochs: float = 0.0
     trigger_metric: Optional[float] = None
     target_reduction: Optional[float] = None
+    target_mode: str = "stop"
     max_metric_drop: Optional[float] = 0.015
     on_metric_drop: str = "skip"
     max_kept_ratio: float = 0.9
@@ -244,6 +251,12 @@ class RMTKDConfig:
         _check_choice("head_reduction", self.head_reduction, HEAD_REDUCTIONS)
         _check_choice("channel_selection", self.channel_selection, CHANNEL_SELECTIONS)
         _check_choice("hidden_cut", self.hidden_cut, HIDDEN_CUTS)
+        _check_choice("target_mode", self.target_mode, TARGET_MODES)
+        if self.target_mode == "allocate" and self.target_reduction is None:
+            raise ValueError(
+                "`target_mode='allocate'` meets `target_reduction`, which is not set; give one, e.g. "
+                "`target_reduction=0.5` (`--target-reduction 0.5`)."
+            )
         if self.hidden_cut == "rotation" and self.output_format != "per-layer":
             raise ValueError(
                 "`hidden_cut='rotation'` stores a k×k matrix per LayerNorm, which the stock architecture cannot hold; "

@@ -24,6 +24,8 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -150,4 +152,135 @@ def decide_widths(
     return WidthDecision(
         widths=widths, asked_widths=asked, fits=fits, reports=reports,
         spectra={site.name: spectra[site.name] for site in sites},
+    )
+
+
+@dataclass
+class Allocation:
+    """A size target met by the spectra (`allocate_widths`).
+
+    Attributes:
+        scale (`float`): the factor applied to every site's fitted σ² (on top of `config.sigma2_scale`); above 1 the
+            target asked for more than the estimator's own widths, below 1 for less.
+        widths (`dict[str, int]`): site name → the width to cut it to (its own width when it is left alone).
+        parameters (`int`): the predicted parameter count with these widths.
+        original_parameters (`int`), target_parameters (`int`): the model's count and the most the target allows.
+        uniform_widths (`dict[str, int]`): what a uniform cut (the same kept share at every site, the largest share
+            that meets the target) would keep, for comparison.
+        uniform_share (`float`): that share.
+    """
+
+    scale: float
+    widths: Dict[str, int]
+    parameters: int
+    original_parameters: int
+    target_parameters: int
+    uniform_widths: Dict[str, int]
+    uniform_share: float
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.parameters / self.original_parameters
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"scale": self.scale, "widths": dict(self.widths), "parameters": self.parameters,
+                "original_parameters": self.original_parameters, "target_parameters": self.target_parameters,
+                "reduction": self.reduction, "uniform_widths": dict(self.uniform_widths),
+                "uniform_share": self.uniform_share}
+
+
+def _bisect(predicate, low: float, high: float, steps: int) -> float:
+    """The boundary of a predicate that is false at `low` and true at `high` (monotone in between)."""
+    for _ in range(steps):
+        middle = 0.5 * (low + high)
+        low, high = (low, middle) if predicate(middle) else (middle, high)
+    return high
+
+
+def allocate_widths(
+    adapter: "Adapter",
+    model: nn.Module,
+    stats: Mapping[str, "SecondMomentAccumulator"],
+    config: "RMTKDConfig",
+    target_reduction: float,
+) -> Allocation:
+    """Widths for every site of `config.sites` that remove at least `target_reduction` of the parameters, with the
+    spectra deciding where to cut: one global factor s on every site's σ² (the kept rank falls as s grows, see
+    `fit_spectrum(scale=...)`), the smallest that meets the target, found by bisection on log s against the count
+    `adapter.parameters_after_cut` predicts. A site whose width would stay at `max_kept_ratio` of its own or more is
+    left alone, as the compressor's stages leave it.
+
+    Args:
+        adapter (`Adapter`), model (`nn.Module`): the model and its adapter (the model is read, never changed).
+        stats (`dict[str, SecondMomentAccumulator]`): calibration statistics of every site (one pass on `model`).
+        config (`RMTKDConfig`): the estimator, rounding and format of the cut.
+        target_reduction (`float`): the share of the parameters to remove, in (0, 1).
+
+    Returns:
+        `Allocation`: the scale, the widths and their predicted count, and what a uniform cut would keep instead.
+
+    Raises:
+        `ValueError`: the adapter cannot predict a count, or even cutting every site to `min_width` misses the target.
+    """
+    groups = adapter.stages(model, config)
+    sites = [site for group in groups for site in group]
+    spectra = {site.name: site_spectrum(site, stats, centered=config.centered) for site in sites}
+    original = sum(p.numel() for p in model.parameters())
+    target = int(math.floor(original * (1.0 - target_reduction)))
+
+    def worth_cutting(widths: Dict[str, int]) -> Dict[str, int]:
+        return {s.name: widths[s.name] if widths[s.name] < config.max_kept_ratio * s.dim else s.dim for s in sites}
+
+    counted: Dict[Tuple[int, ...], Optional[int]] = {}
+
+    def count(widths: Dict[str, int]) -> int:
+        # Bisection steps mostly land on widths already priced (widths are whole channels): price each set once.
+        key = tuple(widths[s.name] for s in sites)
+        if key not in counted:
+            counted[key] = adapter.parameters_after_cut(model, sites, widths, stats, config)
+        predicted = counted[key]
+        if predicted is None:
+            raise ValueError(
+                f"`target_reduction` as a size target needs a parameter count before cutting, which the "
+                f"{type(adapter).__name__} cannot predict; use it as a stop rule (`target_mode='stop'`)."
+            )
+        return predicted
+
+    def at_scale(log_scale: float) -> Dict[str, int]:
+        scaled = dataclasses.replace(config, sigma2_scale=config.sigma2_scale * math.exp(log_scale))
+        widths: Dict[str, int] = {}
+        for group in groups:
+            widths.update(decide_widths(adapter, model, group, stats, scaled, spectra=spectra, warn=False).widths)
+        return worth_cutting(widths)
+
+    def uniform(share: float) -> Dict[str, int]:
+        ranks = {s.name: max(1, int(round(share * s.dim))) for s in sites}
+        widths: Dict[str, int] = {}
+        for group in groups:
+            widths.update(widths_for_ranks(adapter, model, group, ranks, config)[1])
+        return worth_cutting(widths)
+
+    narrowest = uniform(0.0)
+    if count(narrowest) > target:
+        raise ValueError(
+            f"Even cutting every site of {', '.join(sorted({s.kind for s in sites}))} to `min_width` leaves "
+            f"{count(narrowest):,} of {original:,} parameters, more than `target_reduction={target_reduction}` allows "
+            f"({target:,}); cut more kinds of site (`sites`, e.g. add 'hidden') or ask for less."
+        )
+    low, high = -12.0, 12.0  # σ² scaled by e^±12: from keeping every direction to keeping none
+    if count(at_scale(high)) > target:
+        raise ValueError(
+            f"`{config.estimator}` keeps too much of some site even with σ² scaled by e^12 to meet "
+            f"`target_reduction={target_reduction}`; use another estimator or ask for less."
+        )
+    if count(at_scale(low)) <= target:
+        log_scale = low
+    else:
+        log_scale = _bisect(lambda x: count(at_scale(x)) <= target, low, high, 32)
+    widths = at_scale(log_scale)
+    share = _bisect(lambda x: count(uniform(1.0 - x)) <= target, 0.0, 1.0, 24)
+    uniform_widths = uniform(1.0 - share)
+    return Allocation(
+        scale=math.exp(log_scale), widths=widths, parameters=count(widths), original_parameters=original,
+        target_parameters=target, uniform_widths=uniform_widths, uniform_share=1.0 - share,
     )

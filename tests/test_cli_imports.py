@@ -26,6 +26,7 @@ from optimum_rmtkd.configuration import (
     OUTPUT_FORMATS,
     SAMPLE_UNITS,
     SITE_KINDS,
+    TARGET_MODES,
 )
 from optimum_rmtkd.tasks import task_names
 
@@ -106,7 +107,7 @@ def test_choices_are_the_library_option_sets():
     expected = {"estimator": ESTIMATORS, "sample_unit": SAMPLE_UNITS, "sites": SITE_KINDS,
                 "head_reduction": HEAD_REDUCTIONS, "output_format": OUTPUT_FORMATS,
                 "on_metric_drop": METRIC_DROP_ACTIONS, "mixed_precision": MIXED_PRECISIONS,
-                "channel_selection": CHANNEL_SELECTIONS, "hidden_cut": HIDDEN_CUTS}
+                "channel_selection": CHANNEL_SELECTIONS, "hidden_cut": HIDDEN_CUTS, "target_mode": TARGET_MODES}
     assert {flag.field: flag.choices for flag in CONFIG_FLAGS if flag.choices is not None} == expected
     from optimum.commands.base import RootOptimumCLICommand
 

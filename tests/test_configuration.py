@@ -73,7 +73,7 @@ def test_every_number_must_be_finite(name, value):
 def test_every_field_is_checked():
     # A new field must be a number (checked from its annotation), or one of the fields checked by name.
     checked_by_name = {"estimator", "sample_unit", "sites", "head_reduction", "output_format", "mixed_precision",
-                       "on_metric_drop", "centered", "channel_selection", "hidden_cut"}
+                       "on_metric_drop", "centered", "channel_selection", "hidden_cut", "target_mode"}
     assert {field.name for field in dataclasses.fields(RMTKDConfig)} == set(_NUMBER_FIELDS) | checked_by_name
 
 

@@ -193,11 +193,12 @@ class Adapter(ABC):
         sites: Sequence[Site],
         widths: Dict[str, int],
         stats: Optional[Dict[str, "SecondMomentAccumulator"]] = None,
-        output_format: str = "stock",
+        config: Optional["RMTKDConfig"] = None,
     ) -> Optional[int]:
-        """The parameter count `reduce` would leave, without cutting; `None` when the adapter cannot tell before
-        cutting. The compressor skips a stage whose cut would not shrink the model (a cut that unties a shared head
-        can grow it)."""
+        """The parameter count `reduce(model, sites, widths, stats, config)` would leave, without cutting (`config`:
+        the defaults when `None`); `None` when the adapter cannot tell before cutting. The compressor skips a stage
+        whose cut would not shrink the model (a cut that unties a shared head can grow it), and a size target is
+        met by predicting the count of candidate widths (`optimum_rmtkd.widths.allocate_widths`)."""
         return None
 
     @abstractmethod

@@ -258,7 +258,7 @@ class LlamaAdapter(Adapter):
         sites: Sequence[Site],
         widths: Dict[str, int],
         stats: Optional[Dict[str, "SecondMomentAccumulator"]] = None,
-        output_format: str = "stock",
+        config: Optional[RMTKDConfig] = None,
     ) -> int:
         """The parameter count `reduce(model, sites, widths, stats, config)` would leave, without cutting anything.
 
@@ -266,7 +266,7 @@ class LlamaAdapter(Adapter):
         when k is close to d (SliceGPT's OPT-125M grew to 147M at 20%). A size rule compares this with
         `sum(p.numel() for p in model.parameters())` (tied weights counted once) and skips a cut that does not pay.
         Which key/value groups a heads cut keeps depends on the attention statistics (`plan_heads`) and on
-        `output_format` (one factorisation for every layer in the stock format); without `stats` the count assumes
+        `config.output_format` (one factorisation for every layer in the stock format); without `stats` the count assumes
         the factorisation with the most groups, an upper bound. A cut `reduce` would refuse raises its error here.
         """
         lay = self.layout
@@ -277,6 +277,7 @@ class LlamaAdapter(Adapter):
             if site.kind == "hidden":
                 hidden, tied = widths[site.name], False
         heads = {i: self.layer_heads(model, i) for i in range(self._num_layers(model))}
+        output_format = (config or RMTKDConfig()).output_format
         plans = self._head_plans(model, [s for s in sites if s.kind == "heads"], widths, stats, output_format, hidden)
         heads.update({layer: (len(plan.heads), len(plan.groups)) for layer, plan in plans.items()})
         ffn = {i: model.get_submodule(self._layer(i, lay.down)).in_features for i in heads}

@@ -39,6 +39,7 @@ Every step is exact when nothing is cut.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -188,6 +189,33 @@ class TransformerEncoderAdapter(Adapter):
         if config.head_reduction == "prune":
             return round_width(rank, site.dim, math.lcm(config.width_multiple, site.dim // heads))
         return round_width(rank, site.dim, config.width_multiple * heads, num_heads=heads)
+
+    def parameters_after_cut(self, model, sites, widths, stats=None, config: Optional[RMTKDConfig] = None) -> int:
+        """The parameter count `reduce` would leave: the model's class built on the meta device (no memory) from the
+        config the cut would write, its layers resized as the registered format resizes them. The number of heads
+        does not change it (the attention inner width follows the hidden width either way)."""
+        config = config or RMTKDConfig()
+        lay = self.layout
+        new_config = copy.deepcopy(model.config)
+        ffn_widths = {s.layer: widths[s.name] for s in sites if s.kind == "ffn"}
+        for site in sites:
+            if site.kind == "hidden":
+                width = widths[site.name]
+                setattr(new_config, lay.hidden_field, width)
+                setattr(new_config, lay.heads_field, math.gcd(width, int(getattr(model.config, lay.heads_field))))
+                if config.hidden_cut == "rotation" and getattr(new_config, "rotated_layer_norm_dim", None) is None:
+                    new_config.rotated_layer_norm_dim = site.dim
+        if ffn_widths and config.output_format == "stock":
+            setattr(new_config, lay.intermediate_field, max(ffn_widths.values()))
+        elif ffn_widths:
+            per_layer = per_layer_widths(new_config)
+            per_layer.update({layer: {lay.intermediate_field: int(w)} for layer, w in ffn_widths.items()})
+            new_config.allow_global_per_layer_attribute_access = True
+            new_config.per_layer_config = per_layer
+        with torch.device("meta"):
+            built = type(model)(new_config)
+            self.resize_per_layer(built)
+        return sum(p.numel() for p in built.parameters())
 
     # --- surgery ---------------------------------------------------------------------------------------------
     def reduce(self, model, sites, widths, stats, config: RMTKDConfig) -> nn.Module:

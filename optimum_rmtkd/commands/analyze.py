@@ -100,6 +100,9 @@ class AnalyzeCommand(RMTKDBaseCommand):
         print(analysis.to_table())
         print()
         print(analysis.to_estimator_table())
+        if analysis.allocation is not None:
+            print()
+            print(analysis.to_allocation_table())
         if args.output is not None:
             path = analysis.save(args.output, overwrite=args.overwrite, plots=not args.no_plots)
             print(f"Wrote {path}")

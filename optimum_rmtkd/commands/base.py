@@ -35,6 +35,7 @@ from ..configuration import (
     PRESETS,
     SAMPLE_UNITS,
     SITE_KINDS,
+    TARGET_MODES,
     RMTKDConfig,
 )
 
@@ -440,7 +441,10 @@ CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
     ConfigFlag("max_length", int, "Texts are truncated to this many tokens."),
     ConfigFlag("finetune_epochs", float, "Fine-tune before the first reduction (1 epoch is always done when "
                "the task head is new)."),
-    ConfigFlag("target_reduction", float, "Stop once this share (0-1) of the parameters is removed."),
+    ConfigFlag("target_reduction", float, "The share (0-1) of the parameters to remove; --target-mode says how."),
+    ConfigFlag("target_mode", str, "`stop`: end the run once --target-reduction is reached; `allocate`: meet it, "
+               "one σ² scale for every site found by bisection (the spectra decide where to cut).",
+               choices=TARGET_MODES),
     ConfigFlag("max_metric_drop", _optional_float, "A stage whose validation metric is worse than the "
                "uncompressed model's by more than this (accuracy: falls below by) is undone, then --on-metric-drop "
                "decides; `none` switches the rule off."),
@@ -454,8 +458,7 @@ CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
 ANALYSIS_FIELDS = (
     "estimator", "quantile", "tw_alpha", "sigma2_scale", "centered", "sample_unit", "sites", "calibration_fraction",
     "max_calibration_examples", "width_multiple", "min_width", "head_reduction", "channel_selection", "hidden_cut",
-    "output_format", "batch_size",
-    "max_length", "seed",
+    "output_format", "target_reduction", "batch_size", "max_length", "seed",
 )
 
 
