@@ -251,14 +251,14 @@ def allocate_widths(
         widths: Dict[str, int] = {}
         for group in groups:
             widths.update(decide_widths(adapter, model, group, stats, scaled, spectra=spectra, warn=False).widths)
-        return worth_cutting(widths)
+        return worth_cutting(adapter.joint_widths(model, sites, widths))
 
     def uniform(share: float) -> Dict[str, int]:
         ranks = {s.name: max(1, int(round(share * s.dim))) for s in sites}
         widths: Dict[str, int] = {}
         for group in groups:
             widths.update(widths_for_ranks(adapter, model, group, ranks, config)[1])
-        return worth_cutting(widths)
+        return worth_cutting(adapter.joint_widths(model, sites, widths))
 
     narrowest = uniform(0.0)
     if count(narrowest) > target:

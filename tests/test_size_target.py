@@ -2,6 +2,7 @@
 that equal the output's, the uniform cut beside it, and `analyze --target-reduction`."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -48,7 +49,7 @@ def test_allocation_meets_the_target_and_its_count_is_the_cut_models(calibrated,
         previous = allocation.parameters
         # The predicted count is the count of the model the cut leaves.
         cut_sites = [s for s in adapter.sites(model) if allocation.widths[s.name] < s.dim]
-        cut = adapter.reduce(__import__("copy").deepcopy(model), cut_sites,
+        cut = adapter.reduce(copy.deepcopy(model), cut_sites,
                              {s.name: allocation.widths[s.name] for s in cut_sites}, stats, config)
         assert as_output_format(cut, output_format).num_parameters() == allocation.parameters
         # The uniform cut meets the same target with one kept share everywhere.
@@ -93,3 +94,27 @@ def test_analyze_prints_the_widths_of_a_target(bert_dir, text_splits):
                                         str(allocation.uniform_widths[site.name])] for line in table.splitlines())
     assert f"these widths leave {allocation.parameters:,}" in table
     assert analysis.to_dict()["allocation"]["widths"] == allocation.widths
+
+
+@pytest.mark.parametrize("layer_type", ["basic", "bottleneck"])
+@pytest.mark.parametrize("output_format", ["stock", "per-layer"])
+def test_resnet_allocation_count_is_the_cut_models(layer_type, output_format, tmp_path):
+    # The stem and stage 0 are decided in separate stages; allocated together they must keep stage 0's projection.
+    from _models import save_tiny_resnet
+    from transformers import AutoModelForImageClassification
+
+    from optimum_rmtkd.modeling.per_layer import as_output_format
+
+    model = AutoModelForImageClassification.from_pretrained(save_tiny_resnet(tmp_path / "r", layer_type)).eval()
+    adapter = get_adapter(model)
+    g = torch.Generator().manual_seed(0)
+    stats = collect_statistics(model, [{"pixel_values": torch.randn(4, 3, 16, 16, generator=g)} for _ in range(3)],
+                               adapter.required_captures(adapter.sites(model)))
+    config = RMTKDConfig(output_format=output_format, sites=("channels",), width_multiple=2, min_width=2)
+    for target in (0.3, 0.5):
+        allocation = allocate_widths(adapter, model, stats, config, target)
+        cut_sites = [s for s in adapter.sites(model) if allocation.widths[s.name] < s.dim]
+        cut = adapter.reduce(copy.deepcopy(model), cut_sites, {s.name: allocation.widths[s.name] for s in cut_sites},
+                             stats, config)
+        assert as_output_format(cut, output_format).num_parameters() == allocation.parameters
+        assert allocation.parameters <= allocation.target_parameters

@@ -171,6 +171,11 @@ class Adapter(ABC):
             return {name: uniform for name in widths}
         return dict(widths)
 
+    def joint_widths(self, model: nn.Module, sites: Sequence[Site], widths: Dict[str, int]) -> Dict[str, int]:
+        """Widths of several stages decided together (a size target's allocation) as the model can hold them when all
+        are cut; the default changes nothing, since each stage's `expressible_widths` already made them valid."""
+        return dict(widths)
+
     @abstractmethod
     def reduce(
         self,

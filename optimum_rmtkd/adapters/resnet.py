@@ -38,9 +38,12 @@ projection) keeps one more channel.
 """
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+import torch
 from torch import nn
 from transformers.utils import logging
 
@@ -223,6 +226,12 @@ class ResNetAdapter(Adapter):
                     widths[site.name] = widths.get(f"{STAGES}.{stage}", model.config.hidden_sizes[stage]) // ratio
         return widths
 
+    def joint_widths(self, model: nn.Module, sites: Sequence[Site], widths: Dict[str, int]) -> Dict[str, int]:
+        """The stem and stage 0 are decided in separate stages: together they must keep stage 0's projection."""
+        widths = dict(widths)
+        self._keep_stage0_projection(model, sites, widths)
+        return widths
+
     @staticmethod
     def _keep_stage0_projection(model, sites: Sequence[Site], widths: Dict[str, int]) -> None:
         """Widen by one channel a cut that would make stage 0's projected first block see equal widths at stride 1:
@@ -242,6 +251,35 @@ class ResNetAdapter(Adapter):
             "Kept %d channels instead of %d at %s: with equal stem and stage-0 widths the stock ResNet classes would "
             "drop stage 0's shortcut projection.", widths[name], widths[name] - 1, name,
         )
+
+    def parameters_after_cut(self, model, sites, widths, stats=None, config: Optional[RMTKDConfig] = None) -> int:
+        """The parameter count `reduce` would leave: the model's class built on the meta device from the widths the
+        cut would record (`embedding_size`, `hidden_sizes`, and every block's inner widths in `per_layer_config`)."""
+        config = config or RMTKDConfig()
+        shadow = copy.deepcopy(model.config)
+        cut = {site.name for site in sites}
+        hidden_sizes = list(shadow.hidden_sizes)
+        for site in sites:
+            if site.name == STEM:
+                shadow.embedding_size = int(widths[site.name])
+            elif _is_stage_site(site):
+                hidden_sizes[_site_stage(site)] = int(widths[site.name])
+                if _site_stage(site) == 0 and self._stem_tied(model):
+                    shadow.embedding_size = int(widths[site.name])
+        shadow.hidden_sizes = hidden_sizes
+        if config.output_format != "stock":
+            blocks = _blocks(model)
+            shadow.num_hidden_layers = len(blocks)
+            shadow.allow_global_per_layer_attribute_access = True
+            shadow.per_layer_config = {
+                block.index: {INNER_FIELD: [int(widths[block.unit(j)]) if block.unit(j) in cut else width
+                                            for j, width in enumerate(self._inner_widths(model, block))]}
+                for block in blocks
+            }
+        with torch.device("meta"):
+            built = type(model)(shadow)
+            self.resize_per_layer(built)
+        return sum(p.numel() for p in built.parameters())
 
     # --- surgery ---------------------------------------------------------------------------------------------
     def reduce(self, model, sites, widths, stats, config: RMTKDConfig) -> nn.Module:
