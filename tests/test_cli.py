@@ -280,6 +280,19 @@ def test_compress_writes_a_folder_that_reloads_with_the_stock_class(compressed):
     assert (saved.max_distillation_steps, saved.batch_size, saved.max_metric_drop) == (2, 8, None)
 
 
+def test_analyze_with_a_size_target_prints_the_widths_that_meet_it(bert_dir, csv_files, tmp_path):
+    proc = rmtkd("analyze", "-m", bert_dir, "--dataset", csv_files["train"], "--text-column", "sentence",
+                 "--calibration-fraction", "0.5", "--width-multiple", "4", "--min-width", "4",
+                 "--target-reduction", "0.4", "--output", tmp_path / "analysis", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    allocation = json.loads((tmp_path / "analysis" / "analysis.json").read_text())["allocation"]
+    assert allocation["reduction"] >= 0.4 and allocation["parameters"] <= allocation["target_parameters"]
+    for name, width in allocation["widths"].items():
+        assert re.search(rf"^{re.escape(name)}\s+\d+\s+{width}\s+{allocation['uniform_widths'][name]}$", proc.stdout,
+                         re.M)
+    assert f"these widths leave {allocation['parameters']:,}" in proc.stdout
+
+
 def test_analyze_prints_the_table_writes_analysis_json_and_leaves_the_model_alone(bert_dir, csv_files, tmp_path):
     before = _digest(bert_dir)
     out = tmp_path / "analysis"
