@@ -4,12 +4,13 @@
 encoder's residual stream passes through a LayerNorm after every sublayer, and LayerNorm is not rotation-equivariant
 (its mean runs along the all-ones direction of the original basis, its γ is per coordinate), so a residual stream
 rotated onto its leading k directions cannot keep stock LayerNorms. With C = I − 11ᵀ/d the centring matrix of the
-original width d, LN(u) = diag(γ)·C·u / √(uᵀCu/d + ε) + β, and for u = P_inᵀ·z (z in the k-dimensional input basis)
-the output in the basis P_out is
+original width d, LN(u) = diag(γ)·C·u / √(uᵀCu/d + ε) + β, and for u = P_inᵀ·z (z in the k-dimensional input basis,
+P_in with orthonormal rows) the output in the basis P_out is
 
-    P_out·LN(P_inᵀ z) = A z / √(zᵀ G z / d + ε) + b,   A = P_out diag(γ) C P_inᵀ,   G = P_in C P_inᵀ,   b = P_out β,
+    P_out·LN(P_inᵀ z) = A z / √((‖z‖² − (c·z)²/d) / d + ε) + b,   A = P_out diag(γ) C P_inᵀ,   c = P_in 1,   b = P_out β,
 
-exact for every z, so the cut is exact when nothing is cut. It costs two k×k matrices per LayerNorm.
+since P_in C P_inᵀ = I − c cᵀ/d. It is exact for every z, so the cut is exact when nothing is cut, and costs one k×k
+matrix and a k-vector per LayerNorm.
 """
 from __future__ import annotations
 
@@ -18,17 +19,16 @@ from torch import nn
 
 
 class RotatedLayerNorm(nn.Module):
-    """`y = A z / √(zᵀ G z / normalized_dim + eps) + bias`: a LayerNorm of width `normalized_dim` read and written in
-    rotated bases of `in_features` and `out_features` coordinates.
+    """`y = A z / √((‖z‖² − (c·z)² / d) / d + eps) + bias`: a LayerNorm of width d = `normalized_dim` read and written
+    in rotated bases of `in_features` and `out_features` coordinates.
 
-    `weight` (A, out × in) and `bias` are trained like a LayerNorm's γ and β; `gram` (G, in × in) is the centring
-    metric of the input basis, a geometric fact of the rotation, so it is stored but not trained (a trained G could
-    stop being positive semi-definite).
+    `weight` (A, out × in) and `bias` are trained like a LayerNorm's γ and β; `centre` (c, the all-ones direction of
+    the original basis seen in the input basis) is a geometric fact of the rotation, stored but not trained.
 
     Args:
         in_features (`int`): width of the rotated input.
         out_features (`int`): width of the rotated output.
-        normalized_dim (`int`): the width d of the LayerNorm this module stands for (the d in the variance).
+        normalized_dim (`int`): the width d of the LayerNorm this module stands for.
         eps (`float`): the LayerNorm's ε.
     """
 
@@ -40,20 +40,19 @@ class RotatedLayerNorm(nn.Module):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.normalized_dim, self.eps = int(normalized_dim), float(eps)
         self.weight = nn.Parameter(torch.eye(out_features, in_features, **factory))
-        self.gram = nn.Parameter(torch.eye(in_features, **factory), requires_grad=False)
+        self.centre = nn.Parameter(torch.zeros(in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, **factory))
 
     @classmethod
     @torch.no_grad()
     def from_layer_norm(cls, norm: nn.LayerNorm) -> "RotatedLayerNorm":
-        """The same function as `norm` in the identity basis: A = diag(γ)·C, G = C, b = β."""
+        """The same function as `norm` in the identity basis: A = diag(γ)·C, c = 1, b = β."""
         (dim,) = norm.normalized_shape
-        weight = norm.weight if norm.elementwise_affine else torch.ones(dim, device=norm.weight.device)
         reference = norm.weight if norm.elementwise_affine else torch.empty(0)
         new = cls(dim, dim, dim, norm.eps, device=reference.device, dtype=reference.dtype)
-        centring = torch.eye(dim, dtype=torch.float64) - 1.0 / dim
-        new.weight.copy_(weight.detach().double().cpu()[:, None] * centring)
-        new.gram.copy_(centring)
+        gamma = norm.weight.detach().double().cpu() if norm.elementwise_affine else torch.ones(dim, dtype=torch.float64)
+        new.weight.copy_(gamma[:, None] * (torch.eye(dim, dtype=torch.float64) - 1.0 / dim))
+        new.centre.fill_(1.0)
         if norm.elementwise_affine and norm.bias is not None:
             new.bias.copy_(norm.bias)
         return new
@@ -61,7 +60,7 @@ class RotatedLayerNorm(nn.Module):
     @torch.no_grad()
     def projected(self, p_in: torch.Tensor, p_out: torch.Tensor) -> "RotatedLayerNorm":
         """A copy reading `p_in @ z` and writing `p_out @ y` instead (P: k × current width, orthonormal rows):
-        A ← P_out A P_inᵀ, G ← P_in G P_inᵀ, b ← P_out b."""
+        A ← P_out A P_inᵀ, c ← P_in c, b ← P_out b."""
         reference = self.weight
         p_in = p_in.to(device=reference.device, dtype=torch.float64)
         p_out = p_out.to(device=reference.device, dtype=torch.float64)
@@ -69,13 +68,16 @@ class RotatedLayerNorm(nn.Module):
             p_in.shape[0], p_out.shape[0], self.normalized_dim, self.eps, device=reference.device, dtype=reference.dtype
         )
         new.weight.copy_(p_out @ self.weight.double() @ p_in.T)
-        new.gram.copy_(p_in @ self.gram.double() @ p_in.T)
+        new.centre.copy_(p_in @ self.centre.double())
         new.bias.copy_(p_out @ self.bias.double())
         return new
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # zᵀGz / d is the variance of the centred original-width vector the rotated input stands for.
-        variance = ((hidden_states @ self.gram) * hidden_states).sum(-1, keepdim=True) / self.normalized_dim
+        # (‖z‖² − (c·z)²/d) / d is the variance of the original-width vector z stands for (its squared norm minus
+        # its squared mean times d, over d).
+        squared = (hidden_states * hidden_states).sum(-1, keepdim=True)
+        mean = (hidden_states @ self.centre).unsqueeze(-1) / self.normalized_dim
+        variance = squared / self.normalized_dim - mean * mean
         return hidden_states @ self.weight.T * torch.rsqrt(variance + self.eps) + self.bias
 
     def extra_repr(self) -> str:

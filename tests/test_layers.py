@@ -36,7 +36,7 @@ def test_rotated_bases_fold_exactly(layer_norm):
     p_in, p_out = _orthonormal_rows(5, 12, 3), _orthonormal_rows(4, 12, 4)
     narrow = project_norm(layer_norm, p_in, p_out)
     assert (narrow.in_features, narrow.out_features, narrow.normalized_dim) == (5, 4, 12)
-    assert tuple(narrow.weight.shape) == (4, 5) and tuple(narrow.gram.shape) == (5, 5)
+    assert tuple(narrow.weight.shape) == (4, 5) and tuple(narrow.centre.shape) == (5,)
     z = torch.randn(9, 5, dtype=torch.float64)
     torch.testing.assert_close(narrow(z), layer_norm(z @ p_in) @ p_out.T, rtol=1e-12, atol=1e-12)
     # A second cut composes with the first: fold the narrow one again through a rotation of its own bases.
@@ -60,10 +60,10 @@ def test_only_layer_norms_fold():
         project_norm(nn.BatchNorm1d(4), torch.eye(4), torch.eye(4))
 
 
-def test_gram_is_not_trained(layer_norm):
+def test_centre_is_not_trained(layer_norm):
     rotated = RotatedLayerNorm.from_layer_norm(layer_norm)
     assert {name for name, p in rotated.named_parameters() if p.requires_grad} == {"weight", "bias"}
-    assert set(rotated.state_dict()) == {"weight", "gram", "bias"}
+    assert set(rotated.state_dict()) == {"weight", "centre", "bias"}
 
 
 def test_rescaled_slice_corrects_the_spread_over_kept_coordinates():

@@ -303,7 +303,7 @@ def test_rotation_cut_reloads_as_registered_type_with_equal_logits(sharp_dir, tm
     for path in norms:
         norm = model.get_submodule(path)
         assert isinstance(norm, RotatedLayerNorm) and tuple(norm.weight.shape) == (16, 16)
-        assert norm.normalized_dim == 32 and not norm.gram.requires_grad
+        assert norm.normalized_dim == 32 and not norm.centre.requires_grad
     save_compressed_model(model, None, tmp_path / "out", "per-layer")
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     assert type(reloaded) is type(model)
