@@ -332,10 +332,10 @@ class TransformerEncoderAdapter(Adapter):
         read segment 2i, its FFN input segment 2i + 1, the task head the [CLS] vector of the last segment."""
         lay = self.layout
         n_layers = self._num_layers(model)
-        readers = [(self._layer(i, n), 2 * i, self._hidden_inputs(model)[2 * i]) for i in range(n_layers)
+        stream = self._hidden_inputs(model)
+        readers = [(self._layer(i, n), 2 * i, stream[2 * i]) for i in range(n_layers)
                    for n in (lay.query, lay.key, lay.value)]
-        readers += [(self._layer(i, lay.ffn_input), 2 * i + 1, self._hidden_inputs(model)[2 * i + 1])
-                    for i in range(n_layers)]
+        readers += [(self._layer(i, lay.ffn_input), 2 * i + 1, stream[2 * i + 1]) for i in range(n_layers)]
         readers.append((lay.head_input, 2 * n_layers, CapturePoint(lay.head_input, side="input", layout="vector")))
         for path, segment, point in readers:
             sigma = stats[point.key].second_moment()
