@@ -287,7 +287,7 @@ class Bench:
         state = self.seed_state(seed)
         widths = state["widths"][rule]
         stats = state["stats"]
-        config = self.config(seed)
+        config = self.config(seed, channel_selection="qr")  # the `qr` arm is the library's cut with QR selection
         student = copy.deepcopy(self.original)
         cut = [s for s in self.ffn_sites if widths[s.name] < s.dim]
         if selection == "qr":

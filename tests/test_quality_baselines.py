@@ -106,7 +106,7 @@ def test_cut_channels_with_qr_keep_reproduces_the_adapter_cut(bert_dir):
     ffn = [s for s in adapter.sites(model) if s.kind == "ffn"]
     stats = collect_statistics(model, list(_calibration_batches()), adapter.required_captures(ffn))
     widths = {s.name: 16 for s in ffn}
-    config = RMTKDConfig(output_format="per-layer")
+    config = RMTKDConfig(output_format="per-layer", channel_selection="qr")
     library = adapter.reduce(copy.deepcopy(model), ffn, widths, stats, config)
     ours = copy.deepcopy(model)
     for site in ffn:

@@ -216,12 +216,9 @@ class Adapter(ABC):
     def site_channels(
         site: Site, width: int, stats: Dict[str, "SecondMomentAccumulator"], config: "RMTKDConfig"
     ) -> torch.Tensor:
-        """The `width` channels a site keeps (`keep`), chosen on its spectrum pooled over its capture points by
-        `config.channel_selection`: pivoted QR on the leading eigenvectors, or the largest second-moment diagonal."""
-        pooled = merged([stats[point.key] for point in site.captures])
-        if config.channel_selection == "variance":
-            return variance_channels(pooled.second_moment(centered=config.centered), width)
-        return select_channels(pooled.eigh(centered=config.centered).eigenvectors, width)
+        """The `width` channels a site keeps (`keep`): `choose_channels` on its statistics pooled over its capture
+        points."""
+        return choose_channels(merged([stats[point.key] for point in site.captures]), width, config)
 
     @staticmethod
     def refit_readers(
@@ -250,6 +247,14 @@ class Adapter(ABC):
         self.slice_writers(model, site, keep)
         self.refit_readers(model, site, keep, stats, config.ridge)
         return keep
+
+
+def choose_channels(statistics: "SecondMomentAccumulator", width: int, config: "RMTKDConfig") -> torch.Tensor:
+    """The `width` channels of a width with these statistics that a cut keeps, by `config.channel_selection`: the
+    largest second-moment diagonal (`variance`) or pivoted QR on the leading eigenvectors (`qr`); sorted ascending."""
+    if config.channel_selection == "variance":
+        return variance_channels(statistics.second_moment(centered=config.centered), width)
+    return select_channels(statistics.eigh(centered=config.centered).eigenvectors, width)
 
 
 def per_layer_widths(config) -> Dict[int, Dict[str, Any]]:

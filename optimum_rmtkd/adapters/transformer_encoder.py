@@ -58,7 +58,6 @@ from ..projection import (
     rotate_embedding,
     rotate_linear_inputs,
     rotate_linear_outputs,
-    select_channels,
     set_submodule,
     slice_layer_norm_rescaled,
     slice_linear_inputs,
@@ -66,7 +65,7 @@ from ..projection import (
     slice_norm,
     slice_writer,
 )
-from .base import Adapter, CapturePoint, Site, per_layer_widths, rebuild
+from .base import Adapter, CapturePoint, Site, choose_channels, per_layer_widths, rebuild
 
 
 @dataclass(frozen=True)
@@ -394,7 +393,7 @@ class TransformerEncoderAdapter(Adapter):
         output layer on them. (The first dense's inputs were refitted as a reader of the stream.)"""
         lay = self.layout
         head_acc = stats[CapturePoint(lay.head_output, side="input", layout="vector").key]
-        head_keep = select_channels(head_acc.eigh(centered=config.centered).eigenvectors, width)
+        head_keep = choose_channels(head_acc, width, config)
         set_submodule(model, lay.head_input, slice_linear_outputs(model.get_submodule(lay.head_input), head_keep))
         head_output = model.get_submodule(lay.head_output)
         set_submodule(

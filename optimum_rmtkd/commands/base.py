@@ -427,8 +427,9 @@ CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
     ConfigFlag("min_width", int, "No site is reduced below this width."),
     ConfigFlag("head_reduction", str, "How attention follows a narrower hidden width: `prune` whole heads "
                "(fewer, wider heads: faster attention) or `shrink` every head.", choices=HEAD_REDUCTIONS),
-    ConfigFlag("channel_selection", str, "Which channels a site keeps when it cannot be rotated: `qr` on the kept "
-               "eigenvectors or the largest `variance`; readers are refitted either way.", choices=CHANNEL_SELECTIONS),
+    ConfigFlag("channel_selection", str, "Which channels a site keeps when it cannot be rotated: the largest "
+               "`variance`, or `qr` on the kept eigenvectors; readers are refitted either way.",
+               choices=CHANNEL_SELECTIONS),
     ConfigFlag("hidden_cut", str, "How an encoder's hidden width is cut: keep `coordinates` (stock format) or "
                "`rotation` with the LayerNorms folded exactly (needs --output-format per-layer; slower).",
                choices=HIDDEN_CUTS),

@@ -330,5 +330,6 @@ def test_variance_selection_keeps_the_strongest_coordinates(bert_dir):
     diagonal = torch.diagonal(merged([stats[p.key] for p in hidden.captures]).second_moment())
     keep = Adapter.site_channels(hidden, 8, stats, RMTKDConfig(channel_selection="variance"))
     assert keep.tolist() == sorted(torch.topk(diagonal, 8).indices.tolist())
-    qr = Adapter.site_channels(hidden, 8, stats, RMTKDConfig())
+    assert RMTKDConfig().channel_selection == "variance"
+    qr = Adapter.site_channels(hidden, 8, stats, RMTKDConfig(channel_selection="qr"))
     assert qr.numel() == 8 and qr.tolist() == sorted(qr.tolist())
