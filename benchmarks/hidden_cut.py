@@ -223,7 +223,8 @@ def render(summary: Dict[str, Any]) -> str:
     if summary["control_test"]:
         lines += [f"Self-distilled control (the original, same steps): test {_pct(summary['control_test'])}.", ""]
     lines += [
-        "| variant | hidden | parameters | one-shot test | after distillation | − control | ORT CPU speed-up 32×128 "
+        "| variant | hidden | parameters | one-shot test | after distillation | distilled − control (paired by seed) | "
+        "ORT CPU speed-up 32×128 "
         "(95% CI) | FLOP ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -232,8 +233,8 @@ def render(summary: Dict[str, Any]) -> str:
         speed_text = (f"{speed['speedup']:.2f}× ({speed['speedup_ci95'][0]:.2f}–{speed['speedup_ci95'][1]:.2f})"
                       if speed else "-")
         flop_text = f"{speed['flop_ratio']:.2f}×" if speed else "-"
-        gap = (f"{_mean_std(row['gap_to_control'])[0]:+.2%} ± {_mean_std(row['gap_to_control'])[1]:.2%}"
-               if row["gap_to_control"] else "-")
+        gap_mean, gap_std = _mean_std(row["gap_to_control"]) if row["gap_to_control"] else (None, None)
+        gap = f"{100 * gap_mean:+.2f} ± {100 * gap_std:.2f} pt" if gap_mean is not None else "-"
         lines.append(
             f"| {row['variant']} | {row['width']} | {row['parameters']:,} ({1 - row['parameters'] / original['parameters']:.1%} "
             f"cut) | {_pct(row['one_shot_test'])} | {_pct(row['distilled_test']) if row['distilled_test'] else '-'} | {gap} | {speed_text} | {flop_text} |"
