@@ -98,7 +98,7 @@ def test_table_helpers_dispatch_on_the_layer_type():
     assert refit_and_slice_reader(nn.Conv2d(5, 2, 3), keep, sigma).weight.shape == (2, 3, 3, 3)
     with pytest.raises(TypeError, match="A writer must be an nn.Linear, nn.Conv2d or nn.Embedding, got ReLU."):
         slice_writer(nn.ReLU(), keep)
-    with pytest.raises(TypeError, match="A norm must be an nn.LayerNorm or nn.BatchNorm2d, got Linear."):
+    with pytest.raises(TypeError, match="A norm must be an nn.LayerNorm, nn.BatchNorm2d or RotatedLayerNorm, got Linear."):
         slice_norm(nn.Linear(5, 5), keep)
     with pytest.raises(TypeError, match="A reader must be an nn.Linear or nn.Conv2d, got Embedding."):
         refit_and_slice_reader(nn.Embedding(7, 5), keep, sigma)
