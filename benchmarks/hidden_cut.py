@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -32,6 +31,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from benchmarks.assets import load_rotten_tomatoes, minilm_path
 from benchmarks.compress_rotten_tomatoes import TASK, ensure_original, loaders
+from benchmarks.quality import mean_std
 from optimum_rmtkd import RMTKDConfig
 from optimum_rmtkd.adapters import get_adapter
 from optimum_rmtkd.benchmark import benchmark_models
@@ -174,13 +174,9 @@ class HiddenCutBenchmark:
         return record
 
 
-def _mean_std(values: List[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _pct(values: List[float]) -> str:
-    mean, std = _mean_std(values)
-    return f"{mean:.2%} ± {std:.2%}"
+    mean, std = mean_std(values)
+    return f"{mean:.2%}" if std is None else f"{mean:.2%} ± {std:.2%}"
 
 
 def summarise(args, original: Dict[str, Any], runs: List[Dict[str, Any]], controls: List[Dict[str, Any]],
@@ -233,8 +229,10 @@ def render(summary: Dict[str, Any]) -> str:
         speed_text = (f"{speed['speedup']:.2f}× ({speed['speedup_ci95'][0]:.2f}–{speed['speedup_ci95'][1]:.2f})"
                       if speed else "-")
         flop_text = f"{speed['flop_ratio']:.2f}×" if speed else "-"
-        gap_mean, gap_std = _mean_std(row["gap_to_control"]) if row["gap_to_control"] else (None, None)
-        gap = f"{100 * gap_mean:+.2f} ± {100 * gap_std:.2f} pt" if gap_mean is not None else "-"
+        gap = "-"
+        if row["gap_to_control"]:
+            gap_mean, gap_std = mean_std(row["gap_to_control"])
+            gap = f"{100 * gap_mean:+.2f}" + ("" if gap_std is None else f" ± {100 * gap_std:.2f}") + " pt"
         lines.append(
             f"| {row['variant']} | {row['width']} | {row['parameters']:,} ({1 - row['parameters'] / original['parameters']:.1%} "
             f"cut) | {_pct(row['one_shot_test'])} | {_pct(row['distilled_test']) if row['distilled_test'] else '-'} | {gap} | {speed_text} | {flop_text} |"

@@ -370,7 +370,7 @@ def load_results(root: Path) -> Dict[str, Dict[str, Any]]:
     return {tag: entry for tag, entry in tags.items() if entry["results"]}
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
     """Mean and sample std; the std is `None` for a single value (no spread measured, not a spread of 0)."""
     array = np.asarray(values, dtype=np.float64)
     return float(array.mean()), (float(array.std(ddof=1)) if array.size > 1 else None)
@@ -382,8 +382,8 @@ def aggregate(entry: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     for arm in sorted(entry["results"], key=lambda a: order.get(a, len(order))):
         runs = entry["results"][arm]
         seeds = sorted(runs)
-        acc, acc_std = _mean_std([runs[s]["accuracy"] for s in seeds])
-        one, one_std = _mean_std([runs[s]["accuracy_one_shot"] for s in seeds])
+        acc, acc_std = mean_std([runs[s]["accuracy"] for s in seeds])
+        one, one_std = mean_std([runs[s]["accuracy_one_shot"] for s in seeds])
         params = float(np.mean([runs[s]["parameters"] for s in seeds]))
         original = runs[seeds[0]]["parameters_original"]
         widths = None

@@ -551,14 +551,18 @@ class _Run:
             "parameters_original": None, "calibration_peak_rss_mb": 0.0,
         }
 
+    def calibrate(self, model: nn.Module, sites) -> Dict[str, Any]:
+        """One calibration pass: every statistic `reduce(sites)` reads, all-reduced across processes."""
+        return collect_statistics(
+            model, self.calibration_loader, self.adapter.required_captures(sites), sample_unit=self.config.sample_unit,
+            accelerator=self.accelerator, forward_kwargs=self.task.forward_kwargs(),
+        )
+
     def allocate(self, model: nn.Module) -> Allocation:
         """The widths that meet `target_reduction` with the spectra deciding where to cut (`allocate_widths`), from
         one calibration pass over every site the stages will cut; the stages then cut to them."""
         sites = [site for group in self.adapter.stages(model, self.config) for site in group]
-        stats = collect_statistics(
-            model, self.calibration_loader, self.adapter.required_captures(sites), sample_unit=self.config.sample_unit,
-            accelerator=self.accelerator, forward_kwargs=self.task.forward_kwargs(),
-        )
+        stats = self.calibrate(model, sites)
         allocation = allocate_widths(self.adapter, model, stats, self.config, self.config.target_reduction)
         logger.info(
             "Size target −%.1f%%: σ² × %.3g gives widths %s, %d parameters (−%.1f%%); a uniform cut to the same size "
@@ -591,10 +595,7 @@ class _Run:
         index = state["completed_stages"]
         sites = [s for s in self.adapter.sites(model) if s.name in site_names]
         rss_before = psutil.Process().memory_info().rss
-        stats = collect_statistics(
-            model, self.calibration_loader, self.adapter.required_captures(sites), sample_unit=config.sample_unit,
-            accelerator=self.accelerator, forward_kwargs=self.task.forward_kwargs(),
-        )
+        stats = self.calibrate(model, sites)
         state["calibration_peak_rss_mb"] = max(
             state["calibration_peak_rss_mb"], psutil.Process().memory_info().rss / 2**20
         )

@@ -183,10 +183,7 @@ class Allocation:
         return 1.0 - self.parameters / self.original_parameters
 
     def to_dict(self) -> Dict[str, object]:
-        return {"scale": self.scale, "widths": dict(self.widths), "parameters": self.parameters,
-                "original_parameters": self.original_parameters, "target_parameters": self.target_parameters,
-                "reduction": self.reduction, "uniform_widths": dict(self.uniform_widths),
-                "uniform_share": self.uniform_share}
+        return {**dataclasses.asdict(self), "reduction": self.reduction}
 
 
 def _bisect(predicate, low: float, high: float, steps: int) -> float:

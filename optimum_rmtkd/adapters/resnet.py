@@ -258,15 +258,7 @@ class ResNetAdapter(Adapter):
         config = config or RMTKDConfig()
         shadow = copy.deepcopy(model.config)
         cut = {site.name for site in sites}
-        hidden_sizes = list(shadow.hidden_sizes)
-        for site in sites:
-            if site.name == STEM:
-                shadow.embedding_size = int(widths[site.name])
-            elif _is_stage_site(site):
-                hidden_sizes[_site_stage(site)] = int(widths[site.name])
-                if _site_stage(site) == 0 and self._stem_tied(model):
-                    shadow.embedding_size = int(widths[site.name])
-        shadow.hidden_sizes = hidden_sizes
+        self._record_widths(model, shadow, sites, widths)
         if config.output_format != "stock":
             blocks = _blocks(model)
             shadow.num_hidden_layers = len(blocks)
@@ -289,7 +281,7 @@ class ResNetAdapter(Adapter):
             self.cut_site(model, site, widths[site.name], stats, config)
         # New BatchNorms start in training mode (batch statistics): give every module the model's mode again.
         model.train(model.training)
-        self._record_widths(model, sites, widths)
+        self._record_widths(model, model.config, sites, widths)
         self._check_shortcuts(model)
         if config.output_format == "stock":
             self._check_stock(model)
@@ -297,18 +289,18 @@ class ResNetAdapter(Adapter):
             self._record_inner_widths(model)
         return model
 
-    def _record_widths(self, model, sites: Sequence[Site], widths: Dict[str, int]) -> None:
-        """Write the new stem and stage widths into the config fields that hold them."""
-        hidden_sizes = list(model.config.hidden_sizes)
+    def _record_widths(self, model, config, sites: Sequence[Site], widths: Dict[str, int]) -> None:
+        """Write the new stem and stage widths of `model`'s cut into the fields of `config` that hold them."""
+        hidden_sizes = list(config.hidden_sizes)
         for site in sites:
             if site.name == STEM:
-                model.config.embedding_size = int(widths[site.name])
+                config.embedding_size = int(widths[site.name])
             elif _is_stage_site(site):
                 stage = _site_stage(site)
                 hidden_sizes[stage] = int(widths[site.name])
                 if stage == 0 and self._stem_tied(model):
-                    model.config.embedding_size = int(widths[site.name])
-        model.config.hidden_sizes = hidden_sizes
+                    config.embedding_size = int(widths[site.name])
+        config.hidden_sizes = hidden_sizes
 
     @staticmethod
     def _inner_widths(model, block: _Block) -> List[int]:

@@ -204,13 +204,8 @@ class TransformerEncoderAdapter(Adapter):
                 setattr(new_config, lay.heads_field, math.gcd(width, int(getattr(model.config, lay.heads_field))))
                 if config.hidden_cut == "rotation" and getattr(new_config, "rotated_layer_norm_dim", None) is None:
                     new_config.rotated_layer_norm_dim = site.dim
-        if ffn_widths and config.output_format == "stock":
-            setattr(new_config, lay.intermediate_field, max(ffn_widths.values()))
-        elif ffn_widths:
-            per_layer = per_layer_widths(new_config)
-            per_layer.update({layer: {lay.intermediate_field: int(w)} for layer, w in ffn_widths.items()})
-            new_config.allow_global_per_layer_attribute_access = True
-            new_config.per_layer_config = per_layer
+        if ffn_widths:
+            self._record_ffn_widths(new_config, ffn_widths, config.output_format)
         with torch.device("meta"):
             built = type(model)(new_config)
             self.resize_per_layer(built)
@@ -227,14 +222,15 @@ class TransformerEncoderAdapter(Adapter):
                 raise ValueError(f"{type(self).__name__} has no site of kind {site.kind!r}.")
         ffn_sites = [s for s in sites if s.kind == "ffn"]
         if ffn_sites:
-            self._record_ffn_widths(model, {s.layer: widths[s.name] for s in ffn_sites}, config.output_format)
+            self._record_ffn_widths(model.config, {s.layer: widths[s.name] for s in ffn_sites}, config.output_format)
         if any(s.kind == "hidden" for s in sites):
             # Attention modules cache the head size and score scale of the old width: rebuild from the new config
             # so the in-memory model is exactly what `from_pretrained` will build from the saved folder.
             model = rebuild(model)
         return model
 
-    def _record_ffn_widths(self, model, widths_by_layer: Dict[int, int], output_format: str) -> None:
+    def _record_ffn_widths(self, config, widths_by_layer: Dict[int, int], output_format: str) -> None:
+        """Write the FFN widths into `config`: one `intermediate_size` (stock) or `per_layer_config` entries."""
         field_name = self.layout.intermediate_field
         if output_format == "stock":
             values = set(widths_by_layer.values())
@@ -243,15 +239,15 @@ class TransformerEncoderAdapter(Adapter):
                     f"The stock format needs one `{field_name}` for every layer, got widths {sorted(values)}; "
                     "use `output_format='per-layer'`."
                 )
-            setattr(model.config, field_name, values.pop())
+            setattr(config, field_name, values.pop())
         else:
-            per_layer = per_layer_widths(model.config)
+            per_layer = per_layer_widths(config)
             for layer, width in widths_by_layer.items():
                 per_layer[layer] = {field_name: int(width)}
             # transformers' heterogeneous-layer format (DESIGN §3); global reads stay allowed because the stock
             # modeling code still reads the global width when it builds the layers we then resize.
-            model.config.allow_global_per_layer_attribute_access = True
-            model.config.per_layer_config = per_layer
+            config.allow_global_per_layer_attribute_access = True
+            config.per_layer_config = per_layer
 
     def _reduce_hidden(self, model, site: Site, width: int, stats, config: RMTKDConfig) -> None:
         lay = self.layout
@@ -267,7 +263,7 @@ class TransformerEncoderAdapter(Adapter):
         rotation = config.hidden_cut == "rotation"
         if rotation:
             bases = self._segment_bases(model, site, width, stats)
-            self._rotate_readers(model, bases, stats, config.ridge)
+            self._rotate_readers(model, site, bases, stats, config.ridge)
         else:
             keep = self.site_channels(site, width, stats, config)
             # Readers first: each is refitted on its own input before the attention step narrows Q/K/V's outputs.
@@ -326,17 +322,13 @@ class TransformerEncoderAdapter(Adapter):
             bases[j] = leading_directions(joint, width)
         return bases
 
-    def _rotate_readers(self, model, bases: Dict[int, torch.Tensor], stats, ridge: float) -> None:
-        """Fold each segment's basis into the linears that read it, refitted on their own input: Q/K/V of layer i
-        read segment 2i, its FFN input segment 2i + 1, the task head the [CLS] vector of the last segment."""
-        lay = self.layout
-        n_layers = self._num_layers(model)
-        stream = self._hidden_inputs(model)
-        readers = [(self._layer(i, n), 2 * i, stream[2 * i]) for i in range(n_layers)
-                   for n in (lay.query, lay.key, lay.value)]
-        readers += [(self._layer(i, lay.ffn_input), 2 * i + 1, stream[2 * i + 1]) for i in range(n_layers)]
-        readers.append((lay.head_input, 2 * n_layers, CapturePoint(lay.head_input, side="input", layout="vector")))
-        for path, segment, point in readers:
+    def _rotate_readers(self, model, site: Site, bases: Dict[int, torch.Tensor], stats, ridge: float) -> None:
+        """Fold each segment's basis into the linears that read it (the site's reader table), refitted on their own
+        input: a reader whose input is LayerNorm j's output reads segment j; the task head, which reads the pooled
+        [CLS] vector, reads the last segment."""
+        last = len(site.captures) - 1
+        for path, point in zip(site.readers, site.reader_inputs):
+            segment = site.captures.index(point) if point in site.captures else last
             sigma = stats[point.key].second_moment()
             set_submodule(model, path, refit_projected_reader(model.get_submodule(path), bases[segment], sigma, ridge))
 
