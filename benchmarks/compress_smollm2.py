@@ -93,6 +93,9 @@ def main(argv=None) -> None:
     parser.add_argument("--estimator", default=RMTKDConfig.estimator)
     parser.add_argument("--max-metric-drop", type=float, default=1.0,
                         help="largest relative perplexity rise a stage may keep (1.0: +100%%)")
+    parser.add_argument("--target-reduction", type=float, default=None,
+                        help="meet this parameter reduction with the spectra allocating it (target_mode='allocate')")
+    parser.add_argument("--output-format", default=RMTKDConfig.output_format, choices=("stock", "per-layer"))
     parser.add_argument("--control", action="store_true", help="also distil the original from itself")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -113,7 +116,8 @@ def main(argv=None) -> None:
         estimator=args.estimator, sites=tuple(args.sites), max_length=args.block_size, batch_size=args.batch_size,
         learning_rate=args.learning_rate, max_calibration_examples=args.calibration_blocks,
         calibration_fraction=1.0, distillation_epochs=100.0, max_distillation_steps=max(args.distill_steps, 1),
-        max_metric_drop=args.max_metric_drop, seed=args.seed,
+        max_metric_drop=args.max_metric_drop, seed=args.seed, output_format=args.output_format,
+        target_reduction=args.target_reduction, target_mode="allocate" if args.target_reduction else "stop",
     )
     accelerator = Accelerator(cpu=True)
     start = time.perf_counter()

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .energy import NVMLPowerSampler, RAPLReader
+from .exporters.generation import ONNXCausalLM
 from .exporters.onnx import (
     DEFAULT_ATOL,
     ONNX_WEIGHTS_NAME,
@@ -63,6 +64,7 @@ from .exporters.onnx import (
     ort_session_options,
     validate_onnx,
 )
+from .modeling.kv_cache import greedy_decode
 from .utils.import_utils import is_matplotlib_available, require
 from .utils.io import atomic_write_json, atomic_write_text, check_output_folder
 from .utils.progress import progress_bars_enabled
@@ -95,14 +97,10 @@ class BenchmarkResult:
     threads: int
     repeats: int
     energy: dict[str, Any]
+    phase: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
-        row = asdict(self)
-        # A row names its size by what it is: `sequence_length` for text, `image_size` for images.
-        for key in ("sequence_length", "image_size"):
-            if row[key] is None:
-                del row[key]
-        return row
+        return _drop_unset(asdict(self))
 
 
 @dataclass
@@ -117,14 +115,19 @@ class BenchmarkSpeedup:
     speedup_ci95: tuple[float, float]
     flop_ratio: float
     speedup_over_flop_ratio: float
+    phase: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
-        row = asdict(self)
+        row = _drop_unset(asdict(self))
         row["speedup_ci95"] = list(self.speedup_ci95)
-        for key in ("sequence_length", "image_size"):
-            if row[key] is None:
-                del row[key]
         return row
+
+
+def _drop_unset(row: dict[str, Any]) -> dict[str, Any]:
+    """A row names its size by what it is (`sequence_length` for text, `image_size` for images) and has a `phase`
+    only for generative models (`prefill`, `decode`)."""
+    return {key: value for key, value in row.items()
+            if not (key in ("sequence_length", "image_size", "phase") and value is None)}
 
 
 @dataclass
@@ -153,10 +156,13 @@ class BenchmarkReport:
             "skipped": self.skipped,
         }
 
-    def speedup_for(self, backend: str, batch_size: int, size: int) -> Optional[BenchmarkSpeedup]:
-        """The speed-up entry of one cell, or `None` when the grid did not measure it."""
+    def speedup_for(self, backend: str, batch_size: int, size: int,
+                    phase: Optional[str] = None) -> Optional[BenchmarkSpeedup]:
+        """The speed-up entry of one cell (of one `phase` for a generative model), or `None` when the grid did not
+        measure it."""
         for row in self.speedups:
-            if row.backend == backend and row.batch_size == batch_size and getattr(row, self.size_key) == size:
+            if (row.backend, row.batch_size, getattr(row, self.size_key), row.phase) == (backend, batch_size, size,
+                                                                                         phase):
                 return row
         return None
 
@@ -181,25 +187,32 @@ class BenchmarkReport:
             lines.append(
                 f"| ONNX export + validation (s){cached} | {exports[0]['seconds']:.1f} | {exports[1]['seconds']:.1f} |"
             )
-        for size, flops in original["flops_per_example"].items():
-            lines.append(
-                f"| GFLOPs / example ({size_label} {size}) | {flops / 1e9:.4g} "
-                f"| {compressed['flops_per_example'][size] / 1e9:.4g} |"
-            )
+        new_tokens = self.settings.get("new_tokens")
+        flop_lines = [("flops_per_example", f"GFLOPs / example ({size_label} {{}})")]
+        if new_tokens is not None:
+            size_label = "prompt tokens"
+            flop_lines = [("flops_per_example", "GFLOPs / prompt of {} tokens"),
+                          ("flops_per_decode_step", "GFLOPs / decode step after {} tokens")]
+        for key, label in flop_lines:
+            for size, flops in original[key].items():
+                lines.append(f"| {label.format(size)} | {flops / 1e9:.4g} | {compressed[key][size] / 1e9:.4g} |")
+        phase_column = "phase | " if new_tokens is not None else ""
+        unit = "tok/s" if new_tokens is not None else "ex/s"
         lines += [
             "",
-            f"| backend | batch | {size_label} | original ms (p50 / p90 / p99) | compressed ms (p50 / p90 / p99) "
-            "| speed-up (95% CI) | FLOP ratio | throughput ex/s (orig → comp) | peak MB (orig / comp) "
-            "| J / example (orig / comp) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| backend | {phase_column}batch | {size_label} | original ms (p50 / p90 / p99) "
+            f"| compressed ms (p50 / p90 / p99) | speed-up (95% CI) | FLOP ratio | throughput {unit} (orig → comp) "
+            "| peak MB (orig / comp) | J / example (orig / comp) |",
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if new_tokens is not None else ""),
         ]
-        rows = {(r.backend, r.batch_size, getattr(r, self.size_key), r.model): r for r in self.results}
+        rows = {(r.backend, r.batch_size, getattr(r, self.size_key), r.phase, r.model): r for r in self.results}
         for speedup in self.speedups:
-            cell = (speedup.backend, speedup.batch_size, getattr(speedup, self.size_key))
+            cell = (speedup.backend, speedup.batch_size, getattr(speedup, self.size_key), speedup.phase)
             a, b = rows[cell + ("original",)], rows[cell + ("compressed",)]
             low, high = speedup.speedup_ci95
+            phase = f"{cell[3]} | " if new_tokens is not None else ""
             lines.append(
-                f"| {cell[0]} | {cell[1]} | {cell[2]} "
+                f"| {cell[0]} | {phase}{cell[1]} | {cell[2]} "
                 f"| {a.median_ms:.3f} / {a.p90_ms:.3f} / {a.p99_ms:.3f} "
                 f"| {b.median_ms:.3f} / {b.p90_ms:.3f} / {b.p99_ms:.3f} "
                 f"| {speedup.speedup:.2f}× ({low:.2f}–{high:.2f}) | {speedup.flop_ratio:.2f}× "
@@ -222,6 +235,12 @@ class BenchmarkReport:
             f"onnxruntime {machine['versions'].get('onnxruntime')}; {self.settings['warmup']} warm-up and "
             f"{self.settings['repeats']} timed calls per model and cell, interleaved."
         )
+        if new_tokens is not None:
+            lines.append(
+                f"\nprefill: one forward of the prompt, the cache built; decode: {new_tokens} greedy steps of one token "
+                f"per row after the prompt's cache (built untimed); throughput in tokens per second (prompt tokens "
+                f"for prefill, new tokens for decode); the FLOP ratio of decode is that of one decode step."
+            )
         return "\n".join(lines) + "\n"
 
     def plot(self, path: PathLike) -> None:
@@ -234,18 +253,18 @@ class BenchmarkReport:
         figure = Figure(figsize=(5.5 * max(len(backends), 1), 4.2), layout="constrained")
         axes = figure.subplots(1, max(len(backends), 1), squeeze=False)[0]
         for axis, backend in zip(axes, backends):
-            sizes = sorted({getattr(r, self.size_key) for r in self.results if r.backend == backend})
-            for color_index, size in enumerate(sizes):
+            groups = sorted({(getattr(r, self.size_key), r.phase or "") for r in self.results if r.backend == backend})
+            for color_index, (size, phase) in enumerate(groups):
                 for model, style in zip(MODEL_NAMES, ("-o", "--s")):
-                    cell = (backend, model, size)
+                    cell = (backend, model, size, phase)
                     rows = sorted(
-                        (r for r in self.results if (r.backend, r.model, getattr(r, self.size_key)) == cell),
+                        (r for r in self.results
+                         if (r.backend, r.model, getattr(r, self.size_key), r.phase or "") == cell),
                         key=lambda r: r.batch_size,
                     )
-                    axis.plot(
-                        [r.batch_size for r in rows], [r.median_ms for r in rows], style,
-                        color=f"C{color_index}", label=f"{model}, {self.size_key.replace('_', ' ')} {size}",
-                    )
+                    label = f"{model}, {self.size_key.replace('_', ' ')} {size}" + (f", {phase}" if phase else "")
+                    axis.plot([r.batch_size for r in rows], [r.median_ms for r in rows], style,
+                              color=f"C{color_index}", label=label)
             axis.set_xscale("log", base=2)
             batch_sizes = sorted({r.batch_size for r in self.results if r.backend == backend})
             axis.set_xticks(batch_sizes, labels=[str(b) for b in batch_sizes])
@@ -364,19 +383,25 @@ class _Runner(Protocol):
 
 
 class _PyTorchRunner:
+    """Runs the task's exported module (`Task.onnx_module`: the model itself, or a causal LM with its cache as
+    tensors) on the inputs the ONNX graph takes, so both backends compute the same thing."""
+
     def __init__(self, model: torch.nn.Module, device: str):
         self.backend = "pytorch" if device == "cpu" else "pytorch-cuda"
         self.model = model.to(device)
+        self.task = model_task(model)
+        self.module = self.task.onnx_module(self.model)
         self.device = device
         self.threads = torch.get_num_threads()
         self.inputs: dict[str, torch.Tensor] = {}
 
     def set_inputs(self, feed: dict[str, np.ndarray]) -> None:
         self.inputs = {name: torch.from_numpy(array).to(self.device) for name, array in feed.items()}
+        self.kwargs = self.task.onnx_module_kwargs(self.inputs)
 
     def __call__(self) -> None:
         with torch.inference_mode():
-            self.model(**self.inputs)
+            self.module(**self.kwargs)
         if self.device != "cpu":
             torch.cuda.synchronize()
 
@@ -388,6 +413,26 @@ class _PyTorchRunner:
         torch.cuda.reset_peak_memory_stats()
         self()
         return (torch.cuda.max_memory_allocated() - before) / 1e6
+
+
+class _PyTorchDecodeRunner(_PyTorchRunner):
+    """`new_tokens` greedy decode steps after the prompt of the inputs, whose cache is built once, untimed."""
+
+    def __init__(self, model: torch.nn.Module, device: str, new_tokens: int):
+        super().__init__(model, device)
+        self.new_tokens = new_tokens
+
+    def set_inputs(self, feed: dict[str, np.ndarray]) -> None:
+        super().set_inputs(feed)
+        with torch.inference_mode():
+            logits, *past = self.module(**self.kwargs)
+        self.state = (logits[:, -1:].argmax(dim=-1), self.inputs["attention_mask"], past)
+
+    def __call__(self) -> None:
+        with torch.inference_mode():
+            greedy_decode(self.model, *self.state, steps=self.new_tokens)
+        if self.device != "cpu":
+            torch.cuda.synchronize()
 
 
 class _ONNXRuntimeRunner:
@@ -460,12 +505,49 @@ class _ONNXRuntimeRunner:
         return _peak_rss_increase_mb(lambda: session.run(self.output_names, self.feed))
 
 
+class _ONNXRuntimeDecodeRunner(_ONNXRuntimeRunner):
+    """`new_tokens` greedy decode steps (`ONNXCausalLM.decode`) after the prompt's cache, built once, untimed.
+
+    The cache goes through NumPy between steps on every provider: on CUDA each step copies it to the host and
+    back, so a CUDA decode time is an upper bound of what I/O binding would give.
+    """
+
+    def __init__(self, onnx_path: Path, device: str, threads: Optional[int], disabled_optimizers: Sequence[str],
+                 new_tokens: int):
+        super().__init__(onnx_path, device, threads, disabled_optimizers)
+        self.new_tokens = new_tokens
+        self.decoder = ONNXCausalLM(self.session)
+
+    def set_inputs(self, feed: dict[str, np.ndarray]) -> None:
+        self.feed = feed
+        past = {name: feed[name] for name in self.decoder.past_names}
+        logits, self.past = self.decoder.step(feed["input_ids"], feed["attention_mask"], past)
+        self.next_ids = logits[:, -1:].argmax(axis=-1).astype(np.int64)
+
+    def __call__(self) -> None:
+        self.decoder.decode(self.next_ids, self.feed["attention_mask"], self.past, self.new_tokens)
+
+    def peak_memory_mb(self) -> Optional[float]:
+        if self.device == "cuda":
+            return None
+        import onnxruntime as ort
+
+        if self._memory_session is None:
+            options = self._options(memory_arena=False)
+            self._memory_session = ort.InferenceSession(str(self.onnx_path), options, providers=self.providers)
+        decoder = ONNXCausalLM(self._memory_session)
+        decoder.decode(self.next_ids, self.feed["attention_mask"], self.past, 1)  # kernel set-up
+        return _peak_rss_increase_mb(
+            lambda: decoder.decode(self.next_ids, self.feed["attention_mask"], self.past, self.new_tokens))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Measurements
 
 
 def count_flops_per_example(model: torch.nn.Module, feed: dict[str, np.ndarray]) -> int:
-    """FLOPs of one forward on a batch of one (2 × multiply-accumulates of matmuls, convolutions, attention)."""
+    """FLOPs of one forward on a batch of one (2 × multiply-accumulates of matmuls, convolutions, attention), run
+    as the exported graph runs it (`Task.onnx_module`, so a causal LM's cache inputs count)."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     def cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -476,20 +558,22 @@ def count_flops_per_example(model: torch.nn.Module, feed: dict[str, np.ndarray])
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         custom_mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = cpu_sdpa_flop
     device = next(model.parameters()).device
-    inputs = {name: torch.from_numpy(array[:1]).to(device) for name, array in feed.items()}
+    task = model_task(model)
+    inputs = task.onnx_module_kwargs({name: torch.from_numpy(array[:1]).to(device) for name, array in feed.items()})
     with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom_mapping) as counter:
-        model(**inputs)
+        task.onnx_module(model)(**inputs)
     return int(counter.get_total_flops())
 
 
-def _latency_stats(seconds: np.ndarray, batch_size: int) -> dict[str, float]:
+def _latency_stats(seconds: np.ndarray, items: int) -> dict[str, float]:
+    """Median/p90/p99 latency of one call and the throughput of `items` per call (examples, or tokens)."""
     milliseconds = seconds * 1e3
     median = float(np.median(milliseconds))
     return {
         "median_ms": median,
         "p90_ms": float(np.percentile(milliseconds, 90)),
         "p99_ms": float(np.percentile(milliseconds, 99)),
-        "throughput": batch_size / (median / 1e3),
+        "throughput": items / (median / 1e3),
     }
 
 
@@ -720,6 +804,7 @@ def benchmark_models(
     reuse_onnx: bool = True,
     energy_seconds: float = 2.0,
     ort_disabled_optimizers: Optional[Sequence[str]] = None,
+    new_tokens: int = 64,
     seed: int = 0,
 ) -> BenchmarkReport:
     """Measure a compressed model against its original on each backend over a grid of batch and input sizes.
@@ -748,6 +833,9 @@ def benchmark_models(
         ort_disabled_optimizers (`Sequence[str]`, *optional*): ONNX Runtime graph rewrites to leave off in both
             models' sessions; `None` means `ort_session_options`' default for each device
             (`default_disabled_optimizers`), `()` ONNX Runtime's stock behaviour.
+        new_tokens (`int`, *optional*, defaults to 64): for a generative model (`text-generation`), the greedy
+            decode steps each `decode` call runs after a prompt of `sequence_lengths` tokens; every cell is then
+            timed twice, `prefill` (the prompt's forward) and `decode`.
         seed (`int`, *optional*, defaults to 0): seed of the random inputs and of the bootstrap.
 
     Returns:
@@ -768,7 +856,7 @@ def benchmark_models(
     if not backends or unknown:
         raise ValueError(f"`backends` must be a non-empty subset of {BACKENDS}, got {backends!r}.")
     batch_sizes = _check_positive_ints("batch_sizes", batch_sizes)
-    for name, value, minimum in (("warmup", warmup, 0), ("repeats", repeats, 2)):
+    for name, value, minimum in (("warmup", warmup, 0), ("repeats", repeats, 2), ("new_tokens", new_tokens, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"`{name}` must be an int of at least {minimum}, got {value!r}.")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -796,10 +884,13 @@ def benchmark_models(
     size_key = task.size_name
     sizes = {"sequence_length": sequence_lengths, "image_size": image_sizes}[size_key]
     sizes = _check_positive_ints(size_key + "s", sizes)
+    longest = max(sizes) + (new_tokens if task.is_generative else 0)
     for name, model in models.items():
         limit = task.max_size(model.config)
-        if limit is not None and max(sizes) > limit:
-            raise ValueError(f"`{size_key}s` must not exceed the {name} model's limit ({limit}), got {sizes}.")
+        if limit is not None and longest > limit:
+            extra = f" plus `new_tokens` ({new_tokens})" if task.is_generative else ""
+            raise ValueError(f"`{size_key}s`{extra} must not exceed the {name} model's limit ({limit}), got "
+                             f"{sizes}.")
     dirs = {"original": original_dir, "compressed": compressed_dir}
     settings = {
         "backends": list(backends),
@@ -817,6 +908,7 @@ def benchmark_models(
             for backend in backends
             if backend.startswith("onnxruntime")
         },
+        "new_tokens": new_tokens if task.is_generative else None,
         "seed": seed,
         "order": "interleaved: original then compressed on even pairs, compressed then original on odd pairs",
         "flops": "torch.utils.flop_counter.FlopCounterMode, batch 1, 2 x multiply-accumulates",
@@ -826,9 +918,7 @@ def benchmark_models(
     def feed_for(name: str, batch_size: int, size: int) -> dict[str, np.ndarray]:
         # Same seed for both models: identical inputs whenever their vocabularies and input names agree.
         model = models[name]
-        rng = np.random.default_rng([seed, batch_size, size])
-        return task.dummy_inputs(model.config, task.onnx_input_names(model), batch_size, size, with_padding=False,
-                                 rng=rng)
+        return task.benchmark_inputs(model, batch_size, size, np.random.default_rng([seed, batch_size, size]))
 
     summaries = {}
     for name, model in models.items():
@@ -840,6 +930,12 @@ def benchmark_models(
             "file_size_bytes": {"pytorch": _files_size(weights)},
             "flops_per_example": {str(size): count_flops_per_example(model, feed_for(name, 1, size)) for size in sizes},
         }
+        if task.is_generative:
+            summaries[name]["flops_per_decode_step"] = {
+                str(size): count_flops_per_example(model, task.decoder_inputs(
+                    model, 1, 1, past_length=size, with_padding=False, rng=np.random.default_rng(seed)))
+                for size in sizes
+            }
 
     report = BenchmarkReport(machine=_machine_info(), models=summaries, settings=settings)
     previous_threads = torch.get_num_threads()
@@ -888,53 +984,74 @@ def _benchmark_backend(
 ) -> None:
     settings = report.settings
     device = _backend_device(backend)
-    if backend.startswith("pytorch"):
-        runners: dict[str, _Runner] = {name: _PyTorchRunner(models[name], device) for name in MODEL_NAMES}
-    else:
-        disabled = settings["ort_disabled_optimizers"][backend]
-        runners = {name: _ONNXRuntimeRunner(onnx_paths[name], device, threads, disabled) for name in MODEL_NAMES}
-    meter = _energy_meter(backend)
+    new_tokens = settings.get("new_tokens")
     size_key = report.size_key
-    cells = [(batch_size, size) for batch_size in batch_sizes for size in sizes]
-    for batch_size, size in tqdm(cells, desc=f"Benchmarking {backend}", disable=not progress_bars_enabled(),
-                                 leave=False):
-        logger.info("Benchmarking %s at batch %d, %s %d.", backend, batch_size, size_key, size)
-        for name, runner in runners.items():
-            runner.set_inputs(feed_for(name, batch_size, size))
-        for _ in range(settings["warmup"]):
-            for runner in runners.values():
-                runner()
-        peaks = {name: runner.peak_memory_mb() for name, runner in runners.items()}
-        seconds = _time_interleaved(runners, settings["repeats"])
-        for name, runner in runners.items():
-            report.results.append(
-                BenchmarkResult(
+    meter = _energy_meter(backend)
+    phases = ("prefill", "decode") if new_tokens is not None else (None,)
+    for phase in phases:
+        runners = _runners(backend, device, models, onnx_paths, settings, threads, phase, new_tokens)
+        cells = [(batch_size, size) for batch_size in batch_sizes for size in sizes]
+        description = f"Benchmarking {backend}" + (f" ({phase})" if phase else "")
+        for batch_size, size in tqdm(cells, desc=description, disable=not progress_bars_enabled(), leave=False):
+            logger.info("Benchmarking %s at batch %d, %s %d%s.", backend, batch_size, size_key, size,
+                        f", {phase}" if phase else "")
+            for name, runner in runners.items():
+                runner.set_inputs(feed_for(name, batch_size, size))
+            for _ in range(settings["warmup"]):
+                for runner in runners.values():
+                    runner()
+            peaks = {name: runner.peak_memory_mb() for name, runner in runners.items()}
+            seconds = _time_interleaved(runners, settings["repeats"])
+            # Throughput counts examples, or tokens for a generative model: the prompt's, or the new ones.
+            items = batch_size * {None: 1, "prefill": size, "decode": new_tokens}[phase]
+            sizes_of_row = dict(sequence_length=size if size_key == "sequence_length" else None,
+                                image_size=size if size_key == "image_size" else None)
+            for name, runner in runners.items():
+                report.results.append(
+                    BenchmarkResult(
+                        backend=backend,
+                        model=name,
+                        batch_size=batch_size,
+                        **sizes_of_row,
+                        **_latency_stats(seconds[name], items),
+                        peak_memory_mb=peaks[name],
+                        threads=runner.threads,
+                        repeats=settings["repeats"],
+                        energy=_measure_energy(meter, runner, batch_size, settings["energy_seconds"]),
+                        phase=phase,
+                    )
+                )
+            speedup, ci95 = _speedup_with_ci(seconds["original"], seconds["compressed"], settings["seed"])
+            flops_key = "flops_per_decode_step" if phase == "decode" else "flops_per_example"
+            flops = {name: report.models[name][flops_key][str(size)] for name in MODEL_NAMES}
+            flop_ratio = flops["original"] / flops["compressed"]
+            report.speedups.append(
+                BenchmarkSpeedup(
                     backend=backend,
-                    model=name,
                     batch_size=batch_size,
-                    sequence_length=size if size_key == "sequence_length" else None,
-                    image_size=size if size_key == "image_size" else None,
-                    **_latency_stats(seconds[name], batch_size),
-                    peak_memory_mb=peaks[name],
-                    threads=runner.threads,
-                    repeats=settings["repeats"],
-                    energy=_measure_energy(meter, runner, batch_size, settings["energy_seconds"]),
+                    **sizes_of_row,
+                    speedup=speedup,
+                    speedup_ci95=ci95,
+                    flop_ratio=flop_ratio,
+                    speedup_over_flop_ratio=speedup / flop_ratio,
+                    phase=phase,
                 )
             )
-        speedup, ci95 = _speedup_with_ci(seconds["original"], seconds["compressed"], settings["seed"])
-        flops = {name: report.models[name]["flops_per_example"][str(size)] for name in MODEL_NAMES}
-        flop_ratio = flops["original"] / flops["compressed"]
-        report.speedups.append(
-            BenchmarkSpeedup(
-                backend=backend,
-                batch_size=batch_size,
-                sequence_length=size if size_key == "sequence_length" else None,
-                image_size=size if size_key == "image_size" else None,
-                speedup=speedup,
-                speedup_ci95=ci95,
-                flop_ratio=flop_ratio,
-                speedup_over_flop_ratio=speedup / flop_ratio,
-            )
-        )
-    del runners
-    gc.collect()
+        del runners
+        gc.collect()
+
+
+def _runners(backend: str, device: str, models: dict[str, torch.nn.Module], onnx_paths: dict[str, Path],
+             settings: dict[str, Any], threads: Optional[int], phase: Optional[str],
+             new_tokens: Optional[int]) -> dict[str, _Runner]:
+    """One runner per model for `backend`: a forward (a classifier's, or a causal LM's prefill) or, for `phase`
+    `"decode"`, a loop of `new_tokens` greedy steps."""
+    if backend.startswith("pytorch"):
+        if phase == "decode":
+            return {name: _PyTorchDecodeRunner(models[name], device, new_tokens) for name in MODEL_NAMES}
+        return {name: _PyTorchRunner(models[name], device) for name in MODEL_NAMES}
+    disabled = settings["ort_disabled_optimizers"][backend]
+    if phase == "decode":
+        return {name: _ONNXRuntimeDecodeRunner(onnx_paths[name], device, threads, disabled, new_tokens)
+                for name in MODEL_NAMES}
+    return {name: _ONNXRuntimeRunner(onnx_paths[name], device, threads, disabled) for name in MODEL_NAMES}

@@ -517,7 +517,7 @@ def test_benchmark_replaces_a_swapped_or_truncated_onnx_file(bert_pair, pair_exp
         f"[WARNING] Not timing {original / 'onnx' / 'model.onnx'}",
         f"[WARNING] Not timing {compressed / 'onnx' / 'model.onnx'}",
     ]
-    assert "(`onnx.checker` rejects" in warnings[0] and "logits differ by max |Δ|" in warnings[1]
+    assert "(`onnx.checker` rejects" in warnings[0] and "outputs differ by max |Δ|" in warnings[1]
     report = json.loads((output / "benchmark.json").read_text())
     for name in ("original", "compressed"):
         assert report["models"][name]["onnx_export"]["reused"] is False  # exported for this run, not the stray file
@@ -553,7 +553,7 @@ def test_a_reused_onnx_file_is_checked_against_the_model(bert_pair, pair_exports
     assert (path, record["reused"]) == (cache / "model.onnx", False)
     (message,) = [record.getMessage() for record in caplog.records]
     assert message.startswith(f"Not timing {own}: it is not a valid export of the model in '{compressed}' (ONNX "
-                              "Runtime and PyTorch logits differ by max |Δ| = ")
+                              "Runtime and PyTorch outputs differ by max |Δ| = ")
     assert message.endswith(fix)
     # A truncated file is no ONNX graph at all.
     caplog.clear()

@@ -254,14 +254,36 @@ def test_the_head_is_new_only_without_lm_head(task, tmp_path, save, is_new):
 
 
 # --- export hooks and card ------------------------------------------------------------------------------------
-def test_export_hooks_give_right_padded_token_inputs(task, llama):
+def test_export_hooks_give_right_padded_token_inputs_and_a_cache(task, llama):
     names = task.onnx_input_names(llama)
-    assert names == ("input_ids", "attention_mask")
-    inputs = task.dummy_inputs(llama.config, names, 3, 8, with_padding=True, rng=np.random.default_rng(0))
+    layers, groups, head_dim = llama.config.num_hidden_layers, llama.config.num_key_value_heads, llama.config.head_dim
+    assert names == ("input_ids", "attention_mask", "position_ids") + tuple(
+        f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value"))
+    assert task.onnx_output_names(llama) == ("logits",) + tuple(
+        f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value"))
+    inputs = task.dummy_inputs(llama.config, names[:3], 3, 8, with_padding=True, rng=np.random.default_rng(0))
     assert inputs["input_ids"].shape == (3, 8) and inputs["input_ids"].dtype == np.int64
     assert inputs["attention_mask"].sum(axis=1).tolist() == [8, 6, 4]
     assert inputs["attention_mask"][:, 0].all()  # right padding: every row starts with a real token
-    assert task.dynamic_axes(names)["attention_mask"] == {0: "batch_size", 1: "sequence_length"}
+    with pytest.raises(ValueError, match="a cache needs the model, use `decoder_inputs`"):
+        task.dummy_inputs(llama.config, names, 3, 8, with_padding=True, rng=np.random.default_rng(0))
+    # After a cache of 5 tokens: the mask covers past and new tokens, positions continue after the past.
+    inputs = task.decoder_inputs(llama, 3, 8, past_length=5, with_padding=True, rng=np.random.default_rng(0))
+    assert list(inputs) == list(names)
+    assert inputs["attention_mask"].shape == (3, 13) and inputs["attention_mask"][:, :5].all()
+    assert inputs["position_ids"][0].tolist() == list(range(5, 13))
+    assert inputs["past_key_values.0.key"].shape == (3, groups, 5, head_dim)
+    axes = task.dynamic_axes(names)
+    assert axes["attention_mask"] == {0: "batch_size", 1: "total_sequence_length"}
+    assert axes["past_key_values.0.value"] == {0: "batch_size", 2: "past_sequence_length"}
+    # The flat inputs group into the wrapper's keyword arguments, the cache as one tuple in graph order.
+    grouped = task.onnx_module_kwargs(inputs)
+    assert list(grouped) == ["input_ids", "attention_mask", "position_ids", "past_key_values"]
+    assert len(grouped["past_key_values"]) == 2 * layers
+    reference = task.onnx_reference_outputs(llama, inputs)
+    assert reference["logits"].shape == (3, 8, llama.config.vocab_size)
+    assert reference["present.0.key"].shape == (3, groups, 13, head_dim)
+    assert task.onnx_config_updates(llama) == {"head_dim": head_dim, "use_cache": True}
     assert task.max_size(llama.config) == 64
     card = task.card_context()
     assert card["task"] == "text-generation" and "model.generate(**inputs" in card["usage_example"]

@@ -15,6 +15,7 @@ BACKENDS = ("pytorch", "pytorch-cuda", "onnxruntime-cpu", "onnxruntime-cuda")
 EXAMPLES = """examples:
   rmtkd benchmark --original ./minilm-sst2 --compressed minilm-rmtkd --backends pytorch onnxruntime-cpu
   rmtkd benchmark --original ./minilm-sst2 --compressed minilm-rmtkd --batch-sizes 1 32 -o bench
+  rmtkd benchmark --original ./smollm2 --compressed smollm2-rmtkd --batch-sizes 1 8 --sequence-lengths 128
 """
 
 
@@ -25,7 +26,7 @@ class BenchmarkCommand(RMTKDBaseCommand):
         "onnx_cache_dir": "--onnx-cache-dir", "backends": "--backends", "batch_sizes": "--batch-sizes",
         "sequence_lengths": "--sequence-lengths", "image_sizes": "--image-sizes", "warmup": "--warmup",
         "repeats": "--repeats", "threads": "--threads", "energy_seconds": "--energy-seconds",
-        "ort_disabled_optimizers": "--ort-disabled-optimizers", "seed": "--seed",
+        "ort_disabled_optimizers": "--ort-disabled-optimizers", "new_tokens": "--new-tokens", "seed": "--seed",
     }
 
     @staticmethod
@@ -36,7 +37,9 @@ class BenchmarkCommand(RMTKDBaseCommand):
             "every backend, batch size and sequence length (or image size). Prints a Markdown table (median, "
             "p90, p99 latency, speed-up with its 95% interval, FLOP ratio, throughput, peak memory, energy when "
             "a meter is readable) and, with --output, writes benchmark.json, benchmark.md and benchmark.png. A "
-            "backend this machine lacks is skipped with the reason.",
+            "backend this machine lacks is skipped with the reason. A causal LM is timed twice per cell: prefill "
+            "(the prompt of --sequence-lengths tokens) and decode (--new-tokens greedy steps after it, in tokens per "
+            "second).",
             EXAMPLES,
         )
         parser.add_argument("--original", required=True, help="Folder of the uncompressed model.")
@@ -61,6 +64,8 @@ class BenchmarkCommand(RMTKDBaseCommand):
                             help="ONNX Runtime graph rewrites to leave off in both models' sessions; give the flag "
                                  "with no name for ONNX Runtime's stock behaviour (default: SkipLayerNormFusion on "
                                  "CPU, whose kernel is slower than the ops it fuses; none on CUDA).")
+        parser.add_argument("--new-tokens", type=int, default=None,
+                            help="Greedy decode steps per decode call, for causal LMs (default: 64).")
         parser.add_argument("--seed", type=int, default=None,
                             help="Seed of the random inputs and of the bootstrap (default: 0).")
         parser.add_argument("-o", "--output", default=None,
@@ -91,7 +96,7 @@ class BenchmarkCommand(RMTKDBaseCommand):
 
         # Only the flags given are passed, so the defaults are benchmark_models' own.
         names = ("backends", "batch_sizes", "sequence_lengths", "image_sizes", "warmup", "repeats", "threads",
-                 "energy_seconds", "ort_disabled_optimizers", "seed", "onnx_cache_dir")
+                 "energy_seconds", "ort_disabled_optimizers", "new_tokens", "seed", "onnx_cache_dir")
         options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
         report = benchmark_models(args.original, args.compressed, output_dir=args.output, **options)
         print(report.to_markdown())

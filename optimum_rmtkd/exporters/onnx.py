@@ -33,6 +33,7 @@ from .. import modeling  # noqa: F401  (registers the per-layer types, so their 
 from ..tasks import get_task
 from ..tasks.base import Task
 from ..utils.import_utils import require
+from .generation import check_onnx_generation
 from ..utils.io import atomic_directory, check_output_folder
 
 logger = logging.get_logger(__name__)
@@ -66,7 +67,7 @@ _WEIGHT_INDEX_SUFFIX = ".index.json"
 
 
 class RMTKDValidationError(ValueError):
-    """Raised when `onnx.checker` rejects an ONNX file or ONNX Runtime's logits differ from PyTorch's beyond `atol`."""
+    """Raised when `onnx.checker` rejects an ONNX file or ONNX Runtime's outputs differ from PyTorch's beyond `atol`."""
 
 
 @dataclass
@@ -81,6 +82,8 @@ class ONNXExportResult:
         opset (`int`): the ONNX opset of the default domain.
         atol (`float`): the tolerance the validation used.
         seconds (`float`): wall time of the whole export, validation included.
+        generation_checked (`bool`): whether a greedy generation with ONNX Runtime was checked against PyTorch's
+            `generate` (causal LMs, when validated).
     """
 
     onnx_path: Path
@@ -89,6 +92,7 @@ class ONNXExportResult:
     opset: int = DEFAULT_OPSET
     atol: float = DEFAULT_ATOL
     seconds: float = 0.0
+    generation_checked: bool = False
 
 
 def read_config_dict(model_dir: PathLike) -> dict:
@@ -124,29 +128,26 @@ def _weights_bytes(model: torch.nn.Module) -> int:
 
 
 def _torch_export(model: PreTrainedModel, onnx_path: Path, opset: int) -> None:
-    """Trace `model` with `torch.export` and write the ONNX graph with dynamic batch/sequence (or image) axes."""
+    """Trace the task's `onnx_module(model)` with `torch.export` and write the ONNX graph with its dynamic axes."""
     task = model_task(model)
     input_names = task.onnx_input_names(model)
-    # Trace at batch 2 with a padded row: torch.export specialises sizes 0 and 1, and an all-ones mask could let
-    # a model take a mask-free path that a padded batch never takes.
-    example = task.dummy_inputs(model.config, input_names, 2, task.example_size, with_padding=True,
-                                rng=np.random.default_rng(0))
-    kwargs = {name: torch.from_numpy(array).to(model.device) for name, array in example.items()}
+    example = task.onnx_example_inputs(model, np.random.default_rng(0))
+    kwargs = task.onnx_module_kwargs({name: torch.from_numpy(example[name]).to(model.device) for name in input_names})
     with warnings.catch_warnings():
         # Each input repeats the axis names "batch_size"/"sequence_length"; torch notes that it merges them.
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
         # torch 2.13's exporter trips its own pytree deprecation (`LeafSpec`); nothing a user can act on.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         torch.onnx.export(
-            model,
+            task.onnx_module(model),
             (),
             str(onnx_path),
             kwargs=kwargs,
             input_names=list(input_names),
-            output_names=list(task.onnx_output_names),
+            output_names=list(task.onnx_output_names(model)),
             opset_version=opset,
             dynamo=True,
-            dynamic_shapes=task.dynamic_axes(input_names),
+            dynamic_shapes=task.onnx_module_kwargs(task.dynamic_axes(input_names)),
             external_data=_weights_bytes(model) > _EXTERNAL_DATA_BYTES,
             verbose=False,
         )
@@ -164,12 +165,17 @@ def _fold_attention_layouts(onnx_path: Path) -> None:
         onnx.save(model_proto, str(onnx_path))
 
 
-def _copy_model_files(model_dir: Path, output_dir: Path) -> None:
+def _copy_model_files(model_dir: Path, output_dir: Path, config_updates: dict) -> None:
+    """Copy the config, tokenizer/processor, generation config and metadata beside the graph; `config_updates` are
+    written into the copied `config.json` (what the runtimes that read it need, e.g. a decoder's `head_dim`)."""
     for source in sorted(model_dir.iterdir()):
         name = source.name
         if not source.is_file() or name.startswith(".") or name.endswith(_WEIGHT_SUFFIXES + (_WEIGHT_INDEX_SUFFIX,)):
             continue
         shutil.copy2(source, output_dir / name)
+    if config_updates:
+        config = {**read_config_dict(output_dir), **config_updates}
+        (output_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _execution_providers(device: str) -> list[str]:
@@ -285,7 +291,12 @@ def export_onnx(
     device: str = "cpu",
     overwrite: bool = False,
 ) -> ONNXExportResult:
-    """Export a saved sequence or image classifier to ONNX and check it against PyTorch with ONNX Runtime.
+    """Export a saved classifier or causal LM to ONNX and check it against PyTorch with ONNX Runtime.
+
+    A causal LM (`text-generation`) is exported as one graph with a key/value cache (`past_key_values.{i}.key/value`
+    in, `present.{i}.key/value` out; an empty past is the prefill), traced with eager attention, validated with and
+    without a cache and by a greedy generation of 32 tokens that must equal `generate`'s; `head_dim` and
+    `use_cache` are written into the exported `config.json`. `exporters.generation.generate_onnx` runs it.
 
     Args:
         model_dir (`str` or `os.PathLike`): a `save_pretrained` folder (stock or registered `rmtkd_*` type).
@@ -343,12 +354,15 @@ def export_onnx(
         raise ValueError(f"`atol` must be positive, got {atol}.")
 
     model = load_saved_model(model_dir)
+    task = model_task(model)
+    if task.onnx_attn_implementation is not None:
+        model.set_attn_implementation(task.onnx_attn_implementation)
     providers = _execution_providers(device)
     with atomic_directory(output_dir, overwrite=overwrite) as tmp_dir:
         onnx_path = tmp_dir / ONNX_WEIGHTS_NAME
         _torch_export(model, onnx_path, opset)
         _fold_attention_layouts(onnx_path)
-        _copy_model_files(model_dir, tmp_dir)
+        _copy_model_files(model_dir, tmp_dir, task.onnx_config_updates(model))
         if fp16 or optimization_level is not None:
             optimized_path = tmp_dir / ONNX_OPTIMIZED_NAME
             if fp16 and optimization_level is not None:
@@ -366,6 +380,8 @@ def export_onnx(
         max_abs_diff: dict[str, float] = {}
         if validate:
             max_abs_diff = validate_onnx(onnx_path, model.to(device), atol=atol, providers=providers)
+            if task.is_generative:
+                check_onnx_generation(onnx_path, model, atol=atol, providers=providers)
         final_path = output_dir / onnx_path.name
     seconds = time.perf_counter() - start
     logger.info("Exported %s to %s in %.1f s (max |Δ| %s).", model_dir, final_path, seconds, max_abs_diff)
@@ -376,6 +392,7 @@ def export_onnx(
         opset=opset,
         atol=atol,
         seconds=seconds,
+        generation_checked=validate and task.is_generative,
     )
 
 
@@ -405,7 +422,8 @@ def validate_onnx(
 
     Fresh random inputs at each `(batch_size, size)` shape (`size` is the sequence length, or the height and width
     of an image), with padded rows when `with_padding`: two shapes other than the traced one show that the dynamic
-    axes really are dynamic, and the padded rows check the attention mask.
+    axes really are dynamic, and the padded rows check the attention mask. A causal LM is compared at each shape
+    without and with a key/value cache, on the logits and every `present` output.
 
     Args:
         onnx_dir_or_path (`str` or `os.PathLike`): an ONNX file, or a folder holding `model.onnx`.
@@ -418,7 +436,8 @@ def validate_onnx(
         seed (`int`, *optional*, defaults to 0): seed of the random inputs.
 
     Returns:
-        `dict[str, float]`: max |Δ| per shape, keyed `"{batch_size}x{size}"`.
+        `dict[str, float]`: max |Δ| over the outputs per shape, keyed `"{batch_size}x{size}"` (a causal LM adds
+        `"{batch_size}x{size}+past{n}"` entries).
 
     Raises:
         `RMTKDValidationError`: when `onnx.checker` rejects the file (unreadable protobuf, malformed graph), an
@@ -440,26 +459,26 @@ def validate_onnx(
         model = load_saved_model(model)
     task = model_task(model)
     session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
-    input_names = [graph_input.name for graph_input in session.get_inputs()]
-    rng = np.random.default_rng(seed)
     max_abs_diff: dict[str, float] = {}
-    for batch_size, size in shapes or task.validation_shapes:
-        key = f"{batch_size}x{size}"
-        feed = task.dummy_inputs(model.config, input_names, batch_size, size, with_padding=with_padding, rng=rng)
-        with torch.no_grad():
-            reference = model(**{name: torch.from_numpy(a).to(model.device) for name, a in feed.items()}).logits
-        reference = reference.float().cpu().numpy()
-        output = session.run(["logits"], feed)[0]
-        if output.shape != reference.shape:
-            raise RMTKDValidationError(
-                f"ONNX Runtime logits have shape {output.shape} at inputs {key}, PyTorch's {reference.shape}."
-            )
-        max_abs_diff[key] = float(np.max(np.abs(output.astype(np.float64) - reference)))
+    cases = task.onnx_validation_inputs(model, shapes or task.validation_shapes, with_padding=with_padding,
+                                        rng=np.random.default_rng(seed))
+    for key, feed in cases:
+        reference = task.onnx_reference_outputs(model, feed)
+        outputs = dict(zip(reference, session.run(list(reference), feed)))
+        diffs = []
+        for name, expected in reference.items():
+            if outputs[name].shape != expected.shape:
+                raise RMTKDValidationError(
+                    f"ONNX Runtime's `{name}` has shape {outputs[name].shape} at inputs {key}, PyTorch's "
+                    f"{expected.shape}."
+                )
+            diffs.append(float(np.max(np.abs(outputs[name].astype(np.float64) - expected), initial=0.0)))
+        max_abs_diff[key] = max(diffs)
     failing = {key: diff for key, diff in max_abs_diff.items() if not diff <= atol}  # NaN fails too
     if failing:
         worst = max(failing, key=lambda key: np.nan_to_num(failing[key], nan=np.inf))
         raise RMTKDValidationError(
-            f"ONNX Runtime and PyTorch logits differ by max |Δ| = {failing[worst]:.3e} at inputs {worst}, above "
+            f"ONNX Runtime and PyTorch outputs differ by max |Δ| = {failing[worst]:.3e} at inputs {worst}, above "
             f"`atol` = {atol:.1e} (max |Δ| per shape: {max_abs_diff}); the export is wrong or `atol` is too tight."
         )
     logger.info("ONNX validation of %s passed: max |Δ| %s (atol %.1e).", path, max_abs_diff, atol)

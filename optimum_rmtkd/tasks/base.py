@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import datasets
 import numpy as np
@@ -59,7 +59,9 @@ class Task(ABC):
         higher_is_better: the metric's direction; the stop rules read it.
         sample_units: the `RMTKDConfig.sample_unit` values calibration may use with this task.
         size_name: what the size of a dummy input is (`sequence_length`, `image_size`).
-        onnx_output_names: the outputs of an exported graph.
+        is_generative: whether the model generates token by token (exported with a key/value cache, checked by a
+            greedy generation, benchmarked by prefill and decode).
+        onnx_attn_implementation: the attention implementation the model is traced with (`None`: as loaded).
         preprocessor_class / preprocessor_files: the Auto class of its preprocessor and the files that mean one was
             saved (model card).
     """
@@ -76,7 +78,8 @@ class Task(ABC):
     size_name: str = "sequence_length"
     example_size: int = 16
     validation_shapes: Tuple[Tuple[int, int], ...] = ((2, 16), (3, 37))
-    onnx_output_names: Tuple[str, ...] = ("logits",)
+    is_generative: bool = False
+    onnx_attn_implementation: Optional[str] = None
     preprocessor_class: Optional[str] = None
     preprocessor_files: Tuple[str, ...] = ()
 
@@ -182,6 +185,53 @@ class Task(ABC):
     def dynamic_axes(self, input_names: Sequence[str]) -> Dict[str, Dict[int, str]]:
         """The dynamic axes of each input."""
 
+    def onnx_output_names(self, model: nn.Module) -> Tuple[str, ...]:
+        """The outputs of the exported graph, in the order `onnx_module(model)` returns them."""
+        return ("logits",)
+
+    def onnx_module(self, model: nn.Module) -> nn.Module:
+        """The module that is traced: the model itself, or a wrapper whose inputs and outputs are the graph's."""
+        return model
+
+    def onnx_module_kwargs(self, flat: Dict[str, Any]) -> Dict[str, Any]:
+        """Group one value per graph input (tensors, or their dynamic axes) into `onnx_module`'s keyword arguments,
+        keeping the graph's input order when flattened (default: one keyword per input)."""
+        return dict(flat)
+
+    def onnx_example_inputs(self, model: nn.Module, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        """The inputs the export traces with: batch 2 with a padded row, since `torch.export` specialises sizes
+        0 and 1, and an all-ones mask could let a model take a mask-free path that a padded batch never takes."""
+        return self.dummy_inputs(model.config, self.onnx_input_names(model), 2, self.example_size,
+                                 with_padding=True, rng=rng)
+
+    def onnx_validation_inputs(self, model: nn.Module, shapes: Sequence[Tuple[int, int]], *, with_padding: bool,
+                               rng: np.random.Generator) -> Iterator[Tuple[str, Dict[str, np.ndarray]]]:
+        """`(key, inputs)` pairs at which an export is compared with PyTorch, one per `(batch_size, size)` shape."""
+        names = self.onnx_input_names(model)
+        for batch_size, size in shapes:
+            yield f"{batch_size}x{size}", self.dummy_inputs(model.config, names, batch_size, size,
+                                                            with_padding=with_padding, rng=rng)
+
+    @torch.no_grad()
+    def onnx_reference_outputs(self, model: nn.Module, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """PyTorch's values of the graph outputs at `inputs` (float32 NumPy), by name."""
+        device = next(model.parameters()).device
+        kwargs = self.onnx_module_kwargs({name: torch.from_numpy(array).to(device) for name, array in inputs.items()})
+        outputs = self.onnx_module(model)(**kwargs)
+        names = self.onnx_output_names(model)
+        values = [outputs[name] for name in names] if isinstance(outputs, Mapping) else list(outputs)
+        return {name: value.float().cpu().numpy() for name, value in zip(names, values)}
+
+    def benchmark_inputs(self, model: nn.Module, batch_size: int, size: int,
+                         rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        """The graph's inputs the benchmark times, without padding (a causal LM's: a prompt and an empty cache)."""
+        return self.dummy_inputs(model.config, self.onnx_input_names(model), batch_size, size, with_padding=False,
+                                 rng=rng)
+
+    def onnx_config_updates(self, model: nn.Module) -> Dict[str, Any]:
+        """Fields written into the exported folder's `config.json` for the runtimes that read it (default: none)."""
+        return {}
+
     def max_size(self, config) -> Optional[int]:
         """The largest `size` the model accepts, if it has one."""
         return None
@@ -192,7 +242,7 @@ class Task(ABC):
         return {
             "task": self.name, "task_name": self.title, "auto_class": self.auto_model_name,
             "preprocessor_class": self.preprocessor_class, "preprocessor_files": self.preprocessor_files,
-            "onnx_input_example": self.onnx_input_example(), "usage_example": self.usage_example(),
+            "onnx_run_example": self.onnx_run_example(), "usage_example": self.usage_example(),
         }
 
     def usage_example(self) -> str:
@@ -203,6 +253,13 @@ class Task(ABC):
         """Python lines that build the ONNX Runtime `inputs` dict from `preprocessor` (model card snippet)."""
         return ""
 
+    def onnx_run_example(self) -> str:
+        """Python lines that run the ONNX `session` with `preprocessor` (model card snippet): by default, build the
+        inputs (`onnx_input_example`) and read the logits."""
+        inputs = self.onnx_input_example()
+        if not inputs:
+            return ""
+        return inputs + "\nlogits = session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})[0]"
 
 def kl_teacher_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:

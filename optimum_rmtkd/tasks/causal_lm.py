@@ -255,19 +255,91 @@ class CausalLMTask(Task):
         return value <= threshold
 
     # --- export ---------------------------------------------------------------------------------------------
+    is_generative = True
+    onnx_attn_implementation = "eager"  # torch.export fails on the SDPA path (`is_causal` becomes a SymBool)
+
     def onnx_input_names(self, model: nn.Module) -> Tuple[str, ...]:
-        """The prefill inputs; the key/value cache (`past_key_values.{i}.key/value`) is not exported yet."""
-        return ("input_ids", "attention_mask")
+        """Tokens, mask over past and new tokens, positions, and the key/value cache of every layer."""
+        from ..modeling.kv_cache import TOKEN_INPUTS, past_names
+
+        return (*TOKEN_INPUTS, *past_names(len(_cache_shapes(model))))
+
+    def onnx_output_names(self, model: nn.Module) -> Tuple[str, ...]:
+        from ..modeling.kv_cache import present_names
+
+        return ("logits", *present_names(len(_cache_shapes(model))))
+
+    def onnx_module(self, model: nn.Module) -> nn.Module:
+        from ..modeling.kv_cache import CausalLMWithFlatCache
+
+        return CausalLMWithFlatCache(model)
+
+    def onnx_module_kwargs(self, flat: Dict[str, Any]) -> Dict[str, Any]:
+        from ..modeling.kv_cache import TOKEN_INPUTS
+
+        grouped = {name: flat[name] for name in TOKEN_INPUTS}
+        grouped["past_key_values"] = tuple(value for name, value in flat.items() if name not in TOKEN_INPUTS)
+        return grouped
 
     def dummy_inputs(self, config, input_names, batch_size: int, size: int, *, with_padding: bool,
                      rng: np.random.Generator) -> Dict[str, np.ndarray]:
-        """Right-padded random token ids (`random_token_inputs`): every query still sees a real token, so no
-        attention row is fully masked."""
+        """Right-padded random token ids (`random_token_inputs`) and their positions, without a cache: every query
+        still sees a real token, so no attention row is fully masked. `decoder_inputs` adds a cache."""
         inputs = random_token_inputs(config, batch_size, size, with_padding=with_padding, rng=rng)
+        inputs["position_ids"] = np.broadcast_to(np.arange(size, dtype=np.int64), (batch_size, size)).copy()
+        missing = [name for name in input_names if name not in inputs]
+        if missing:
+            raise ValueError(f"`dummy_inputs` makes no {missing}: a cache needs the model, use `decoder_inputs`.")
         return {name: inputs[name] for name in input_names}
 
+    def decoder_inputs(self, model: nn.Module, batch_size: int, size: int, *, past_length: int = 0,
+                       with_padding: bool, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        """The graph's inputs for `size` new tokens after a cache of `past_length` tokens (random keys and values:
+        the graph must be exact at any cache content); the mask covers the past, then the new tokens padded as in
+        `dummy_inputs`, and positions continue after the past."""
+        from ..modeling.kv_cache import TOKEN_INPUTS, past_names
+
+        shapes = _cache_shapes(model)
+        inputs = self.dummy_inputs(model.config, TOKEN_INPUTS, batch_size, size, with_padding=with_padding, rng=rng)
+        inputs["attention_mask"] = np.concatenate(
+            [np.ones((batch_size, past_length), dtype=np.int64), inputs["attention_mask"]], axis=1)
+        inputs["position_ids"] += past_length
+        arrays = []
+        for shape in shapes:
+            arrays += [rng.standard_normal((batch_size, shape.key[0], past_length, shape.key[1]), dtype=np.float32),
+                       rng.standard_normal((batch_size, shape.value[0], past_length, shape.value[1]),
+                                           dtype=np.float32)]
+        return {**inputs, **dict(zip(past_names(len(shapes)), arrays))}
+
     def dynamic_axes(self, input_names):
-        return {name: {0: "batch_size", 1: "sequence_length"} for name in input_names}
+        axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+                "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+                "position_ids": {0: "batch_size", 1: "sequence_length"}}
+        return {name: axes.get(name, {0: "batch_size", 2: "past_sequence_length"}) for name in input_names}
+
+    def onnx_example_inputs(self, model: nn.Module, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        """Batch 2 with a padded row and a cache of 3 tokens: sizes 0 and 1 would be specialised by the trace."""
+        return self.decoder_inputs(model, 2, self.example_size, past_length=3, with_padding=True, rng=rng)
+
+    def onnx_validation_inputs(self, model: nn.Module, shapes, *, with_padding: bool, rng: np.random.Generator):
+        """Each shape without a cache (the prefill) and after a cache of `size // 2 + 1` tokens (a decode step)."""
+        for batch_size, size in shapes:
+            for past_length in (0, size // 2 + 1):
+                key = f"{batch_size}x{size}" + (f"+past{past_length}" if past_length else "")
+                yield key, self.decoder_inputs(model, batch_size, size, past_length=past_length,
+                                               with_padding=with_padding, rng=rng)
+
+    def benchmark_inputs(self, model: nn.Module, batch_size: int, size: int,
+                         rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        """A prompt of `size` tokens with an empty cache: the prefill, and the start of a decode."""
+        return self.decoder_inputs(model, batch_size, size, with_padding=False, rng=rng)
+
+    def onnx_config_updates(self, model: nn.Module) -> Dict[str, Any]:
+        """`head_dim` and `use_cache`: optimum's runtime sizes an empty cache with `hidden_size //
+        num_attention_heads` unless `head_dim` is given, which is wrong once a cut changed the head count."""
+        from ..modeling.kv_cache import head_size
+
+        return {"head_dim": head_size(_cache_shapes(model)), "use_cache": True}
 
     def max_size(self, config) -> Optional[int]:
         """`max_position_embeddings`: the longest context the model was built for."""
@@ -281,5 +353,27 @@ class CausalLMTask(Task):
             "print(preprocessor.decode(output[0], skip_special_tokens=True))"
         )
 
-    def onnx_input_example(self) -> str:
-        return 'inputs = preprocessor(["The capital of France is"], return_tensors="np")'
+    def onnx_run_example(self) -> str:
+        """A greedy loop over the exported graph with plain onnxruntime: the cache starts empty (past length 0) and
+        each step feeds back the `present` outputs."""
+        return """import numpy as np
+
+inputs = preprocessor("The capital of France is", return_tensors="np")
+mask, step_ids, new_ids = inputs["attention_mask"], inputs["input_ids"], []
+past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+        for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+for _ in range(20):
+    positions = (np.cumsum(mask, axis=1) - 1)[:, -step_ids.shape[1]:]
+    logits, *present = session.run(None, {"input_ids": step_ids, "attention_mask": mask,
+                                          "position_ids": positions, **past})
+    past = dict(zip(past, present))
+    step_ids = logits[:, -1:].argmax(-1)
+    new_ids.append(int(step_ids[0, 0]))
+    mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+print(preprocessor.decode(new_ids))
+# or: from optimum_rmtkd.exporters.generation import generate_onnx; generate_onnx(f"{folder}/onnx", "...")"""
+
+def _cache_shapes(model: nn.Module):
+    from ..modeling.kv_cache import cache_shapes
+
+    return cache_shapes(model)
