@@ -53,7 +53,6 @@ from transformers.utils import logging
 from .energy import NVMLPowerSampler, RAPLReader
 from .exporters.generation import ONNXCausalLM
 from .exporters.onnx import (
-    DEFAULT_ATOL,
     ONNX_WEIGHTS_NAME,
     RMTKDValidationError,
     check_optimizer_names,
@@ -703,10 +702,10 @@ def _source_fingerprint(model_dir: Path) -> dict[str, Any]:
     }
 
 
-# A reused ONNX file must reproduce the model's logits within this before it is timed: ten times the export's own
-# tolerance, for another machine's or ONNX Runtime version's kernels; another model's export (or a NaN-filled one)
-# is off by far more.
-REUSE_ATOL = 10 * DEFAULT_ATOL
+# A reused ONNX file must reproduce the model's outputs within this many times the export's own tolerance
+# (`Task.onnx_atol`) before it is timed: room for another machine's or ONNX Runtime version's kernels; another
+# model's export (or a NaN-filled one) is off by far more.
+REUSE_ATOL_FACTOR = 10
 
 
 def _onnx_model_path(
@@ -760,12 +759,13 @@ def _onnx_model_path(
 
 def _reuse_problem(onnx_path: Path, model_dir: Path, model: Optional[torch.nn.Module]) -> Optional[str]:
     """Why `onnx_path` is not `model`'s export, or None: it must pass `onnx.checker`, load in ONNX Runtime and give
-    the model's logits within `REUSE_ATOL` at the task's first validation shape (a swapped, damaged, truncated or
+    the model's outputs within `REUSE_ATOL_FACTOR` × the task's `onnx_atol` at the task's first validation shape (a swapped, damaged, truncated or
     NaN-filled file fails)."""
     if model is None:
         model = load_saved_model(model_dir)
     try:
-        validate_onnx(onnx_path, model, atol=REUSE_ATOL, shapes=model_task(model).validation_shapes[:1])
+        task = model_task(model)
+        validate_onnx(onnx_path, model, atol=REUSE_ATOL_FACTOR * task.onnx_atol, shapes=task.validation_shapes[:1])
     except RMTKDValidationError as error:
         # The validator's own advice (export again, or loosen `atol`) is replaced by the benchmark's.
         reason = " ".join(str(error).split(";")[0].split())

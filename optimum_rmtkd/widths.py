@@ -244,10 +244,13 @@ def allocate_widths(
         return predicted
 
     def at_scale(log_scale: float) -> Dict[str, int]:
+        # Only the chosen estimator is fitted here: `decide_widths` also fits every other one for its reports.
         scaled = dataclasses.replace(config, sigma2_scale=config.sigma2_scale * math.exp(log_scale))
+        ranks = {name: fit_spectrum(spectrum.eigenvalues, spectrum.n_samples, warn=False,
+                                    **scaled.estimator_kwargs()).rank for name, spectrum in spectra.items()}
         widths: Dict[str, int] = {}
         for group in groups:
-            widths.update(decide_widths(adapter, model, group, stats, scaled, spectra=spectra, warn=False).widths)
+            widths.update(widths_for_ranks(adapter, model, group, ranks, config)[1])
         return worth_cutting(adapter.joint_widths(model, sites, widths))
 
     def uniform(share: float) -> Dict[str, int]:

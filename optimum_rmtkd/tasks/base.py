@@ -61,6 +61,7 @@ class Task(ABC):
         size_name: what the size of a dummy input is (`sequence_length`, `image_size`).
         is_generative: whether the model generates token by token (exported with a key/value cache, checked by a
             greedy generation, benchmarked by prefill and decode).
+        onnx_atol: the default tolerance on max |ONNX Runtime − PyTorch| of an export's outputs.
         onnx_attn_implementation: the attention implementation the model is traced with (`None`: as loaded).
         preprocessor_class / preprocessor_files: the Auto class of its preprocessor and the files that mean one was
             saved (model card).
@@ -79,6 +80,7 @@ class Task(ABC):
     example_size: int = 16
     validation_shapes: Tuple[Tuple[int, int], ...] = ((2, 16), (3, 37))
     is_generative: bool = False
+    onnx_atol: float = 1e-4
     onnx_attn_implementation: Optional[str] = None
     preprocessor_class: Optional[str] = None
     preprocessor_files: Tuple[str, ...] = ()
