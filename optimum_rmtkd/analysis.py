@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from transformers.utils import logging
 
 from .adapters import get_adapter
-from .calibration import collect_statistics
+from .calibration import collect_statistics, layerwise_layout
 from .configuration import RMTKDConfig
 from .data import DatasetLike, calibration_subset, load_split
 from .report import SiteReport, save_spectrum_plots
@@ -226,7 +226,8 @@ def analyze_model(
     else:
         points = list({point.key: point for site in sites for point in site.captures}.values())
     stats = collect_statistics(model, loader, points, sample_unit=config.sample_unit,
-                               forward_kwargs=task.forward_kwargs())
+                               forward_kwargs=task.forward_kwargs(),
+                               layerwise=layerwise_layout(adapter, model, config))
 
     reports: List[SiteReport] = []
     asked: Dict[str, Dict[str, int]] = {site.name: {} for site in sites}

@@ -33,13 +33,11 @@ How it measures (so that a speed-up means what it says):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import json
 import os
 import platform
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +64,7 @@ from .exporters.onnx import (
 from .modeling.kv_cache import greedy_decode
 from .utils.import_utils import is_matplotlib_available, require
 from .utils.io import atomic_write_json, atomic_write_text, check_output_folder
+from .utils.memory import peak_rss_increase_mb
 from .utils.progress import progress_bars_enabled
 
 logger = logging.get_logger(__name__)
@@ -306,65 +305,6 @@ def _format_energy(energy: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Memory
-
-
-def _proc_status_kib(field_name: str) -> Optional[int]:
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    return None
-
-
-def _release_free_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc), so the resident size before a call counts only live memory."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset Linux's peak resident size (`VmHWM`) to the current one; `False` where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return _proc_status_kib("VmHWM") is not None
-
-
-def _peak_rss_increase_mb(call: Callable[[], None]) -> float:
-    """Largest rise of the resident set size while `call()` runs, in MB (1e6 bytes)."""
-    import psutil
-
-    _release_free_heap()
-    process = psutil.Process()
-    if _reset_peak_rss():
-        before_kib = _proc_status_kib("VmRSS")
-        call()
-        return max(_proc_status_kib("VmHWM") - before_kib, 0) * 1024 / 1e6
-    before = process.memory_info().rss
-    peak = before
-    done = threading.Event()
-
-    def poll() -> None:
-        nonlocal peak
-        while not done.wait(0.001):
-            peak = max(peak, process.memory_info().rss)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    try:
-        call()
-    finally:
-        done.set()
-        poller.join()
-    peak = max(peak, process.memory_info().rss)
-    return (peak - before) / 1e6
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Runners: one model on one backend, ready to run one fixed input
 
 
@@ -406,7 +346,7 @@ class _PyTorchRunner:
 
     def peak_memory_mb(self) -> Optional[float]:
         if self.device == "cpu":
-            return _peak_rss_increase_mb(self)
+            return peak_rss_increase_mb(self)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -501,7 +441,7 @@ class _ONNXRuntimeRunner:
             self._memory_session = ort.InferenceSession(str(self.onnx_path), options, providers=self.providers)
         session = self._memory_session
         session.run(self.output_names, self.feed)  # first call at this shape: kernel set-up, not working memory
-        return _peak_rss_increase_mb(lambda: session.run(self.output_names, self.feed))
+        return peak_rss_increase_mb(lambda: session.run(self.output_names, self.feed))
 
 
 class _ONNXRuntimeDecodeRunner(_ONNXRuntimeRunner):
@@ -536,7 +476,7 @@ class _ONNXRuntimeDecodeRunner(_ONNXRuntimeRunner):
             self._memory_session = ort.InferenceSession(str(self.onnx_path), options, providers=self.providers)
         decoder = ONNXCausalLM(self._memory_session)
         decoder.decode(self.next_ids, self.feed["attention_mask"], self.past, 1)  # kernel set-up
-        return _peak_rss_increase_mb(
+        return peak_rss_increase_mb(
             lambda: decoder.decode(self.next_ids, self.feed["attention_mask"], self.past, self.new_tokens))
 
 

@@ -3,16 +3,22 @@
 Activations are never stored: each hook folds its batch into a float64 Σ x xᵀ and is done. Under Accelerate each
 process calibrates a disjoint shard (no `even_batches` padding, which would count repeated samples twice) and the
 sums are all-reduced before any eigendecomposition.
+
+Layer by layer (`layerwise=`), for models larger than memory: the calibration set is run up to the first layer
+once, its inputs kept, then every layer runs over all of them before the next one starts, so each layer's weights
+are needed once. With the weights offloaded through Accelerate (`device_map`/`offload_folder`, whose hooks load a
+module's weights for its forward and release them after), peak memory is about one layer plus the kept
+activations, not the model; the sums are the whole-model pass's, to round-off.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters.base import CapturePoint
+from .adapters.base import CapturePoint, LayerwiseLayout
 from .covariance import SecondMomentAccumulator, reduce_accumulators
 from .utils.progress import progress_bars_enabled
 
@@ -84,6 +90,51 @@ def process_shard(dataset, accelerator):
     return dataset.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
 
 
+class _FirstLayerReached(Exception):
+    """Stops a forward at the first layer once its inputs are kept."""
+
+
+def _first_layer_inputs(model: nn.Module, layout: LayerwiseLayout, batches, device, collector: ActivationCollector,
+                        forward_kwargs: Dict[str, Any], disable: bool) -> List[list]:
+    """Run every batch up to the first layer (capture points before it see it) and keep that layer's call:
+    `[hidden_states, other positional args, keyword args, padding mask]` per batch."""
+    kept: List[list] = []
+
+    def stop(module, args, kwargs):
+        hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+        kept.append([hidden, rest, kwargs, collector.mask])
+        raise _FirstLayerReached
+
+    handle = model.get_submodule(layout.layers)[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for batch in tqdm(batches, desc="Calibrating (inputs of layer 0)", disable=disable, leave=False):
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            collector.mask = inputs.get("attention_mask")
+            try:
+                model(**inputs, **forward_kwargs)
+            except _FirstLayerReached:
+                pass
+    finally:
+        handle.remove()
+    return kept
+
+
+def _run_layer_by_layer(model: nn.Module, layout: LayerwiseLayout, kept: List[list],
+                        collector: ActivationCollector, disable: bool) -> None:
+    """Each layer, then each tail module, over every kept input, its outputs becoming the next one's inputs."""
+    layers = list(model.get_submodule(layout.layers))
+    for layer in tqdm(layers, desc="Calibrating layer by layer", disable=disable, leave=False):
+        for entry in kept:
+            hidden, rest, kwargs, collector.mask = entry
+            output = layer(hidden, *rest, **kwargs)
+            entry[0] = output[0] if isinstance(output, (tuple, list)) else output
+    for path in layout.tail:
+        module = model.get_submodule(path)
+        for entry in kept:
+            collector.mask = entry[3]
+            entry[0] = module(entry[0])
+
+
 @torch.no_grad()
 def collect_statistics(
     model: nn.Module,
@@ -94,24 +145,54 @@ def collect_statistics(
     accelerator=None,
     device: Optional[torch.device] = None,
     forward_kwargs: Optional[Dict[str, Any]] = None,
+    layerwise: Optional[LayerwiseLayout] = None,
 ) -> Dict[str, SecondMomentAccumulator]:
     """Run `model` over `batches` (this process's shard) and return the reduced accumulators by capture key.
 
-    `forward_kwargs` go to every forward pass beside the inputs (the task's, e.g. no key/value cache).
+    `forward_kwargs` go to every forward pass beside the inputs (the task's, e.g. no key/value cache). With
+    `layerwise`, the pass runs one layer at a time over the whole set (see the module docstring); capture points
+    after the layers must be in `layerwise.tail`.
     """
     was_training = model.training
     model.eval()
-    device = device or next(model.parameters()).device
+    device = device or _input_device(model)
     collector = ActivationCollector(model, points, sample_unit)
     disable = not progress_bars_enabled(accelerator)
-    with collector:
-        for batch in tqdm(batches, desc="Calibrating", disable=disable, leave=False):
-            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            collector.mask = inputs.get("attention_mask")
-            model(**inputs, **(forward_kwargs or {}))
-    model.train(was_training)
+    try:
+        with collector:
+            if layerwise is None:
+                for batch in tqdm(batches, desc="Calibrating", disable=disable, leave=False):
+                    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                    collector.mask = inputs.get("attention_mask")
+                    model(**inputs, **(forward_kwargs or {}))
+            else:
+                kept = _first_layer_inputs(model, layerwise, batches, device, collector, forward_kwargs or {},
+                                           disable)
+                _run_layer_by_layer(model, layerwise, kept, collector, disable)
+    finally:
+        model.train(was_training)
     missing = [p.key for p in points if p.key not in collector.accumulators]
     if missing:
         raise ValueError(f"Calibration saw no activations at {', '.join(missing)}; is the calibration set empty?")
     reduce_accumulators(collector.accumulators, accelerator)
     return collector.accumulators
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """The first parameter's device, or the CPU when it is offloaded (on the meta device): Accelerate's hooks move
+    the inputs to wherever each module executes."""
+    device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
+def layerwise_layout(adapter, model: nn.Module, config) -> Optional[LayerwiseLayout]:
+    """The adapter's layer layout when `config.layerwise_calibration` asks for it, else `None` (whole model)."""
+    if not config.layerwise_calibration:
+        return None
+    layout = adapter.layerwise_layout(model)
+    if layout is None:
+        raise ValueError(
+            f"`layerwise_calibration=True` needs an adapter that names the model's layers, and the "
+            f"{type(adapter).__name__} does not; calibrate the whole model (`layerwise_calibration=False`)."
+        )
+    return layout

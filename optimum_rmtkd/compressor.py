@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import datasets
-import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -33,7 +32,7 @@ from transformers.utils import logging
 from . import modeling  # noqa: F401  (registers the per-layer types: a stage checkpoint may be one)
 from .adapters import get_adapter
 from .adapters.base import adapter_class_for
-from .calibration import collect_statistics, process_shard
+from .calibration import collect_statistics, layerwise_layout, process_shard
 from .configuration import RMTKDConfig
 from .data import DatasetLike, calibration_subset, load_split
 from .distillation import train
@@ -53,6 +52,7 @@ from .saving import (
 from .tasks import get_task, task_names
 from .tasks.base import Columns, Task
 from .utils.io import atomic_write_json, check_output_folder
+from .utils.memory import peak_rss
 from .version import __version__
 from .widths import Allocation, allocate_widths, decide_widths
 
@@ -515,7 +515,7 @@ class _Run:
                 state["baseline_test_metric"] = self.evaluate(model, self.test_loader)
             state["parameters_original"] = count_parameters(self.compressor.model)
             if config.target_mode == "allocate":
-                state["allocation"] = self.allocate(model).to_dict()
+                state["allocation"] = self.allocate(model, state).to_dict()
             self.save_checkpoint(model, state)
         model = model.to(accelerator.device)
 
@@ -551,18 +551,23 @@ class _Run:
             "parameters_original": None, "calibration_peak_rss_mb": 0.0,
         }
 
-    def calibrate(self, model: nn.Module, sites) -> Dict[str, Any]:
-        """One calibration pass: every statistic `reduce(sites)` reads, all-reduced across processes."""
-        return collect_statistics(
+    def calibrate(self, model: nn.Module, sites, state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """One calibration pass: every statistic `reduce(sites)` reads, all-reduced across processes; its peak
+        resident memory goes into `state["calibration_peak_rss_mb"]` (the largest over the run)."""
+        stats, _, peak = peak_rss(lambda: collect_statistics(
             model, self.calibration_loader, self.adapter.required_captures(sites), sample_unit=self.config.sample_unit,
             accelerator=self.accelerator, forward_kwargs=self.task.forward_kwargs(),
-        )
+            layerwise=layerwise_layout(self.adapter, model, self.config),
+        ))
+        if state is not None:
+            state["calibration_peak_rss_mb"] = max(state["calibration_peak_rss_mb"], peak / 2**20)
+        return stats
 
-    def allocate(self, model: nn.Module) -> Allocation:
+    def allocate(self, model: nn.Module, state: Dict[str, Any]) -> Allocation:
         """The widths that meet `target_reduction` with the spectra deciding where to cut (`allocate_widths`), from
         one calibration pass over every site the stages will cut; the stages then cut to them."""
         sites = [site for group in self.adapter.stages(model, self.config) for site in group]
-        stats = self.calibrate(model, sites)
+        stats = self.calibrate(model, sites, state)
         allocation = allocate_widths(self.adapter, model, stats, self.config, self.config.target_reduction)
         logger.info(
             "Size target −%.1f%%: σ² × %.3g gives widths %s, %d parameters (−%.1f%%); a uniform cut to the same size "
@@ -594,12 +599,7 @@ class _Run:
         config = self.config
         index = state["completed_stages"]
         sites = [s for s in self.adapter.sites(model) if s.name in site_names]
-        rss_before = psutil.Process().memory_info().rss
-        stats = self.calibrate(model, sites)
-        state["calibration_peak_rss_mb"] = max(
-            state["calibration_peak_rss_mb"], psutil.Process().memory_info().rss / 2**20
-        )
-        logger.debug("Calibration grew RSS by %.1f MiB", (psutil.Process().memory_info().rss - rss_before) / 2**20)
+        stats = self.calibrate(model, sites, state)
         decision = decide_widths(self.adapter, model, sites, stats, config)
         widths, reports = decision.widths, decision.reports
         if state.get("allocation"):  # a size target: the widths were allocated before the first stage

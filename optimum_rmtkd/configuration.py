@@ -114,6 +114,11 @@ class RMTKDConfig:
         calibration_fraction (`float`, *optional*, defaults to 0.1): share of the training split used to
             calibrate when no calibration set is given (the paper's 10%).
         max_calibration_examples (`int`, *optional*, defaults to 2048): cap on calibration examples.
+        layerwise_calibration (`bool`, *optional*, defaults to `False`): calibrate one layer at a time over the
+            whole calibration set (the first layer's inputs are kept, then each layer runs once over all of them),
+            so that a model loaded with offloaded weights (`device_map="auto"`, `offload_folder=...`) needs about
+            one layer in memory, not the whole model; the statistics equal the whole-model pass's to round-off.
+            Needs an adapter with `layerwise_layout` (the decoders).
         sites (`tuple[str]`, *optional*, defaults to `("ffn", "hidden")`): kinds of site to reduce, in the order
             the stages run (the paper cuts `hidden` first). `heads` is a decoder's attention heads (whole key/value
             groups or query heads per group), `channels` the CNN site kind.
@@ -201,6 +206,7 @@ class RMTKDConfig:
     width_multiple: int = 8
     min_width: int = 8
     head_reduction: str = "prune"
+    layerwise_calibration: bool = False
     channel_selection: str = "variance"
     hidden_cut: str = "coordinates"
     ridge: float = 1e-4
@@ -234,8 +240,10 @@ class RMTKDConfig:
             if kind is not None:
                 value = _check_number(field.name, getattr(self, field.name), *kind)
                 setattr(self, field.name, value)
-        if not isinstance(self.centered, bool):
-            raise TypeError(f"`centered` must be a bool (true or false), got {_type_text(self.centered, 'bool')}.")
+        for name in ("centered", "layerwise_calibration"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be a bool (true or false), got {_type_text(value, 'bool')}.")
         if isinstance(self.sites, str):
             self.sites = (self.sites,)
         elif isinstance(self.sites, (list, tuple)):

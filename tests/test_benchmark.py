@@ -20,6 +20,7 @@ from optimum_rmtkd import benchmark as benchmark_module
 from optimum_rmtkd.benchmark import BenchmarkReport, BenchmarkSpeedup, benchmark_models, count_flops_per_example
 from optimum_rmtkd.energy import NVMLPowerSampler, RAPLReader
 from optimum_rmtkd.exporters.onnx import ONNXExportResult, export_onnx, load_saved_model
+from optimum_rmtkd.utils import memory as memory_module
 
 SPEED_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 RESULT_KEYS = {
@@ -242,7 +243,7 @@ def test_speedup_interval_brackets_ratio_of_medians():
 @pytest.mark.parametrize("use_proc_peak", [True, False], ids=["vmhwm", "rss-poll"])
 def test_peak_memory_sees_a_temporary_allocation(monkeypatch, use_proc_peak):
     if not use_proc_peak:
-        monkeypatch.setattr(benchmark_module, "_reset_peak_rss", lambda: False)
+        monkeypatch.setattr(memory_module, "_reset_peak_rss", lambda: False)
 
     def call() -> None:
         block = np.ones(8_000_000)  # 64 MB, touched page by page
@@ -250,7 +251,7 @@ def test_peak_memory_sees_a_temporary_allocation(monkeypatch, use_proc_peak):
         del block
 
     # The allocation is freed before the probe returns; only its peak can be seen.
-    assert benchmark_module._peak_rss_increase_mb(call) > 50
+    assert memory_module.peak_rss_increase_mb(call) > 50
 
 
 def _write_zone(root: Path, zone: str, name: str, energy_uj: int, max_range_uj: int = 1_000_000) -> None:

@@ -54,6 +54,7 @@ def test_bad_values_give_their_message(kwargs, message):
         ({"alpha": False}, "`alpha` must be a number, got bool False."),
         ({"target_reduction": [0.3]}, r"`target_reduction` must be a number or None, got list \[0.3\]."),
         ({"centered": "yes"}, "`centered` must be a bool \\(true or false\\), got str 'yes'"),
+        ({"layerwise_calibration": 1}, "`layerwise_calibration` must be a bool \\(true or false\\), got int 1"),
         ({"sites": 3}, "`sites` must be a list or tuple of site kinds from 'hidden', 'ffn', 'heads', 'channels', got int "
                        "3."),
     ],
@@ -73,7 +74,8 @@ def test_every_number_must_be_finite(name, value):
 def test_every_field_is_checked():
     # A new field must be a number (checked from its annotation), or one of the fields checked by name.
     checked_by_name = {"estimator", "sample_unit", "sites", "head_reduction", "output_format", "mixed_precision",
-                       "on_metric_drop", "centered", "channel_selection", "hidden_cut", "target_mode"}
+                       "on_metric_drop", "centered", "layerwise_calibration", "channel_selection", "hidden_cut",
+                       "target_mode"}
     assert {field.name for field in dataclasses.fields(RMTKDConfig)} == set(_NUMBER_FIELDS) | checked_by_name
 
 

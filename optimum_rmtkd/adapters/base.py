@@ -51,6 +51,16 @@ class CapturePoint:
 
 
 @dataclass(frozen=True)
+class LayerwiseLayout:
+    """Where a model's repeated layers are (`layers`: the path of their `ModuleList`) and the modules applied after
+    them, in order (`tail`, e.g. a final norm whose output a site reads): what calibration one layer at a time
+    needs (`Adapter.layerwise_layout`)."""
+
+    layers: str
+    tail: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Site:
     """One reducible width of a model.
 
@@ -114,6 +124,11 @@ class Adapter(ABC):
             for point in site.captures + site.reader_inputs + site.extra_captures:
                 seen.setdefault(point.key, point)
         return list(seen.values())
+
+    def layerwise_layout(self, model: nn.Module) -> Optional[LayerwiseLayout]:
+        """The model's repeated layers and the modules after them, for calibration one layer at a time
+        (`RMTKDConfig.layerwise_calibration`); `None` when the architecture does not support it."""
+        return None
 
     def heads_constraint(self, model: nn.Module, site: Site) -> Optional[int]:
         """A divisor the site's width must keep (attention heads for a transformer's hidden width), else `None`."""

@@ -58,7 +58,7 @@ from ..projection import (
     slice_linear_inputs,
     slice_linear_outputs,
 )
-from .base import Adapter, CapturePoint, Site, per_layer_widths, rebuild, register_adapter
+from .base import Adapter, CapturePoint, LayerwiseLayout, Site, per_layer_widths, rebuild, register_adapter
 
 if TYPE_CHECKING:
     from ..covariance import SecondMomentAccumulator
@@ -142,6 +142,10 @@ class LlamaAdapter(Adapter):
         """Whether the language-model head shares the embedding's weight."""
         head = model.get_submodule(self.layout.lm_head)
         return head.weight is model.get_submodule(self.layout.embeddings).weight
+
+    def layerwise_layout(self, model: nn.Module) -> LayerwiseLayout:
+        """The decoder layers, then the final norm (whose output the head reads)."""
+        return LayerwiseLayout(layers=self.layout.layers, tail=(self.layout.final_norm,))
 
     def _stream_points(self, model: nn.Module) -> List[CapturePoint]:
         """The residual stream: the embedding output, then every layer's output."""

@@ -423,6 +423,8 @@ CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
                choices=SITE_KINDS, nargs="+"),
     ConfigFlag("calibration_fraction", float, "Share of the training split used for the spectra."),
     ConfigFlag("max_calibration_examples", int, "Cap on calibration examples."),
+    ConfigFlag("layerwise_calibration", None, "Calibrate one layer at a time over the whole set, so that a model "
+               "loaded with offloaded weights needs about one layer in memory (decoders)."),
     ConfigFlag("width_multiple", int, "Kept widths are rounded up to a multiple of this."),
     ConfigFlag("min_width", int, "No site is reduced below this width."),
     ConfigFlag("head_reduction", str, "How attention follows a narrower hidden width: `prune` whole heads "
@@ -458,7 +460,7 @@ CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
 )
 ANALYSIS_FIELDS = (
     "estimator", "quantile", "tw_alpha", "sigma2_scale", "centered", "sample_unit", "sites", "calibration_fraction",
-    "max_calibration_examples", "width_multiple", "min_width", "head_reduction", "channel_selection", "hidden_cut",
+    "max_calibration_examples", "layerwise_calibration", "width_multiple", "min_width", "head_reduction", "channel_selection", "hidden_cut",
     "output_format", "target_reduction", "batch_size", "max_length", "seed",
 )
 
