@@ -1,5 +1,7 @@
 """Two CPU processes (torchrun, gloo) calibrate disjoint shards; the reduced sums equal one process's sums, for an
-encoder classifier and for a decoder language model."""
+encoder classifier and for a decoder language model. A decoder is also compressed end to end under torchrun:
+distillation runs data-parallel and every rank ends with the same model, which stock transformers reloads."""
+import json
 import os
 import subprocess
 import sys
@@ -46,3 +48,23 @@ def test_two_process_calibration_equals_single_process(kind, bert_dir, tmp_path)
         # round-off (~1e-7 relative); one example counted twice would move the sums by ~1/37 ≈ 3%, far above this.
         torch.testing.assert_close(other["sum_outer"], state["sum_outer"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(other["sum"], state["sum"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_decoder_compresses_end_to_end_under_torchrun(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny_decoder(tmp_path / "decoder")
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(HERE / "distributed_compress.py"), str(model_dir), str(output)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", PYTHONPATH=str(HERE))
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["widths"] == ranks[1]["widths"] and ranks[0]["stages"] == ranks[1]["stages"] >= 1
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # the same weights on every rank after distillation
+    reloaded = AutoModelForCausalLM.from_pretrained(output)
+    assert float(sum(p.detach().double().sum() for p in reloaded.parameters())) == pytest.approx(
+        ranks[0]["checksum"], rel=1e-12)
