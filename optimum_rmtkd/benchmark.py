@@ -429,7 +429,11 @@ class _ONNXRuntimeRunner:
         if self._binding is not None:
             self.session.run_with_iobinding(self._binding)
         else:
-            self.session.run(self.output_names, self.feed)
+            self._run_on(self.session)
+
+    def _run_on(self, session) -> None:
+        """One timed call's work on `session` (the timed one, or the memory-measuring twin)."""
+        session.run(self.output_names, self.feed)
 
     def peak_memory_mb(self) -> Optional[float]:
         if self.device == "cuda":
@@ -440,8 +444,8 @@ class _ONNXRuntimeRunner:
             options = self._options(memory_arena=False)
             self._memory_session = ort.InferenceSession(str(self.onnx_path), options, providers=self.providers)
         session = self._memory_session
-        session.run(self.output_names, self.feed)  # first call at this shape: kernel set-up, not working memory
-        return peak_rss_increase_mb(lambda: session.run(self.output_names, self.feed))
+        self._run_on(session)  # first call at this shape: kernel set-up, not working memory
+        return peak_rss_increase_mb(lambda: self._run_on(session))
 
 
 class _ONNXRuntimeDecodeRunner(_ONNXRuntimeRunner):
@@ -464,20 +468,11 @@ class _ONNXRuntimeDecodeRunner(_ONNXRuntimeRunner):
         self.next_ids = logits[:, -1:].argmax(axis=-1).astype(np.int64)
 
     def __call__(self) -> None:
-        self.decoder.decode(self.next_ids, self.feed["attention_mask"], self.past, self.new_tokens)
+        self._run_on(self.session)
 
-    def peak_memory_mb(self) -> Optional[float]:
-        if self.device == "cuda":
-            return None
-        import onnxruntime as ort
-
-        if self._memory_session is None:
-            options = self._options(memory_arena=False)
-            self._memory_session = ort.InferenceSession(str(self.onnx_path), options, providers=self.providers)
-        decoder = ONNXCausalLM(self._memory_session)
-        decoder.decode(self.next_ids, self.feed["attention_mask"], self.past, 1)  # kernel set-up
-        return peak_rss_increase_mb(
-            lambda: decoder.decode(self.next_ids, self.feed["attention_mask"], self.past, self.new_tokens))
+    def _run_on(self, session) -> None:
+        decoder = self.decoder if session is self.session else ONNXCausalLM(session)
+        decoder.decode(self.next_ids, self.feed["attention_mask"], self.past, self.new_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------------

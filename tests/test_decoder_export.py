@@ -16,8 +16,13 @@ pytest.importorskip("onnxscript")
 
 from optimum_rmtkd import RMTKDCompressor, RMTKDConfig  # noqa: E402
 from optimum_rmtkd.benchmark import benchmark_models  # noqa: E402
-from optimum_rmtkd.exporters.generation import ONNXCausalLM, check_onnx_generation, generate_onnx  # noqa: E402
-from optimum_rmtkd.exporters.onnx import RMTKDValidationError, export_onnx, validate_onnx  # noqa: E402
+from optimum_rmtkd.exporters.generation import ONNXCausalLM, generate_onnx  # noqa: E402
+from optimum_rmtkd.exporters.onnx import (  # noqa: E402
+    RMTKDValidationError,
+    check_onnx_generation,
+    export_onnx,
+    validate_onnx,
+)
 from optimum_rmtkd.modeling.kv_cache import cache_shapes  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -180,3 +185,23 @@ def test_rmtkd_export_and_benchmark_on_decoder_folders(llama, compressed, tmp_pa
     assert bench.returncode == 0, bench.stderr
     assert "| onnxruntime-cpu | prefill | 1 | 4 |" in bench.stdout
     assert "| onnxruntime-cpu | decode | 1 | 4 |" in bench.stdout
+
+
+def test_the_model_cards_onnx_snippet_generates_with_plain_onnxruntime(compressed, monkeypatch, capsys):
+    import huggingface_hub
+
+    from optimum_rmtkd.hub import build_model_card
+
+    _, out, result = compressed
+    card = str(build_model_card(out, repo_id=str(out)))
+    assert "pipeline_tag: text-generation" in card and "perplexity" in card
+    code = card.split("### ONNX", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "past_key_values." in code and "onnxruntime.InferenceSession" in code
+    # Run it as a user would, the Hub download answered by the local folder.
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: str(out))
+    exec(compile(code, "model_card_onnx_snippet", "exec"), {})
+    printed = capsys.readouterr().out.strip()
+    # The library's driver stops at EOS, the snippet runs its 20 steps: the snippet's text starts with the driver's.
+    prompt_length = len(AutoTokenizer.from_pretrained(out)("The capital of France is")["input_ids"])
+    expected = generate_onnx(out / "onnx", "The capital of France is", max_new_tokens=20).sequences[0, prompt_length:]
+    assert printed.startswith(AutoTokenizer.from_pretrained(out).decode(expected).strip())

@@ -16,6 +16,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .session import ONNX_WEIGHTS_NAME, ort_session_options
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -60,8 +62,6 @@ class ONNXCausalLM:
         """Open `onnx_path` with `providers` (the CPU one by default) and `session_options` (by default
         `ort_session_options()` for the first provider's device)."""
         import onnxruntime as ort
-
-        from .onnx import ort_session_options
 
         providers = list(providers or ["CPUExecutionProvider"])
         if session_options is None:
@@ -159,8 +159,6 @@ def generate_onnx(
     """
     from transformers import AutoTokenizer
 
-    from .onnx import ONNX_WEIGHTS_NAME
-
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
     folder = Path(folder)
@@ -181,53 +179,3 @@ def generate_onnx(
     texts = tokenizer.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
     return ONNXGeneration(sequences=sequences, texts=texts)
 
-
-def check_onnx_generation(onnx_path: PathLike, model, *, atol: float, providers: Optional[Sequence[str]] = None,
-                          max_new_tokens: int = 32, seed: int = 0) -> None:
-    """Greedy generation with ONNX Runtime must give PyTorch's `generate(do_sample=False)` tokens.
-
-    Two random prompts of 8 tokens, the second left-padded by 3, so the cache, the positions and the padding mask
-    are all exercised over `max_new_tokens` steps. A different token where PyTorch's top two logits lie within
-    `atol` of each other is a tie that float32 round-off may break either way: a warning, not a failure.
-
-    Raises:
-        `RMTKDValidationError`: at the first step where the tokens differ without such a tie.
-    """
-    import torch
-    from transformers.utils import logging
-
-    from .onnx import RMTKDValidationError
-
-    generation_config = model.generation_config
-    eos = generation_config.eos_token_id
-    pad = generation_config.pad_token_id
-    pad = pad if pad is not None else (eos if isinstance(eos, int) else (eos or [0])[0])
-    rng = np.random.default_rng(seed)
-    input_ids = rng.integers(0, model.config.vocab_size, size=(2, 8), dtype=np.int64)
-    attention_mask = np.ones_like(input_ids)
-    input_ids[1, :3], attention_mask[1, :3] = pad, 0
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        output = model.generate(input_ids=torch.from_numpy(input_ids).to(device),
-                                attention_mask=torch.from_numpy(attention_mask).to(device), do_sample=False,
-                                max_new_tokens=max_new_tokens, pad_token_id=pad, return_dict_in_generate=True,
-                                output_logits=True)
-    expected = output.sequences.cpu().numpy()
-    actual = ONNXCausalLM.from_file(onnx_path, providers=providers).greedy(
-        input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-    if actual.shape == expected.shape and np.array_equal(actual, expected):
-        return
-    width = min(actual.shape[1], expected.shape[1])
-    differ = np.argwhere(actual[:, :width] != expected[:, :width])
-    if len(differ) == 0:
-        raise RMTKDValidationError(
-            f"ONNX Runtime generated {actual.shape[1] - 8} tokens where PyTorch generated {expected.shape[1] - 8}.")
-    row, column = differ[np.argmin(differ[:, 1])]
-    logits = output.logits[column - 8][row].float().cpu().numpy()
-    gap = float(logits[expected[row, column]] - logits[actual[row, column]])
-    message = (f"greedy generation differs at new token {column - 8} of prompt {row}: PyTorch {expected[row, column]},"
-               f" ONNX Runtime {actual[row, column]}, PyTorch's logits of the two {gap:.2e} apart")
-    if gap <= atol:
-        logging.get_logger(__name__).warning(f"A tie broken differently: {message}, within `atol` {atol:.1e}.")
-        return
-    raise RMTKDValidationError(f"ONNX Runtime and PyTorch {message}; the export is wrong.")

@@ -33,14 +33,22 @@ from .. import modeling  # noqa: F401  (registers the per-layer types, so their 
 from ..tasks import get_task
 from ..tasks.base import Task
 from ..utils.import_utils import require
-from .generation import check_onnx_generation
+from .generation import ONNXCausalLM
+from .session import (
+    CPU_DISABLED_OPTIMIZERS,
+    DEVICES,
+    ONNX_WEIGHTS_NAME,
+    check_device_name,
+    check_optimizer_names,
+    default_disabled_optimizers,
+    ort_session_options,
+)
 from ..utils.io import atomic_directory, check_output_folder
 
 logger = logging.get_logger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-ONNX_WEIGHTS_NAME = "model.onnx"
 ONNX_OPTIMIZED_NAME = "model_optimized.onnx"
 MIN_OPSET = 18
 # Opset 23 has the `Attention` op, which the exporter emits for scaled-dot-product attention and ONNX Runtime runs as
@@ -49,12 +57,6 @@ MIN_OPSET = 18
 # 32 × 128 tokens (ORT 1.32, 2 CPU cores), those ops were 30% of the time, and opset 23 ran it 1.6x faster.
 DEFAULT_OPSET = 23
 OPTIMIZATION_LEVELS = ("basic", "extended", "all")
-DEVICES = ("cpu", "cuda")
-# ONNX Runtime graph rewrites left off on the CPU execution provider because the fused kernel is slower than the ops
-# it replaces. `SkipLayerNormFusion`: ORT's CPU `SkipLayerNormalization` kernel ran 3.4-5x slower than the Add, Add,
-# LayerNormalization it fuses (ORT 1.32, AVX-512 Xeon, 4096 rows of 192 or 384, 1 or 2 threads), 11-17% of a BERT
-# forward; leaving it off made the original MiniLM 5% and the compressed one 11% faster at batch 32 x 128 tokens.
-CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 # float32 logits agree to ~1e-6 on the small models tested (a task may loosen it: `Task.onnx_atol`); float16 keeps ~3
 # significant digits, so its default is looser.
 DEFAULT_ATOL = Task.onnx_atol
@@ -200,48 +202,6 @@ def _convert_to_fp16(source: Path, destination: Path) -> None:
     onnx_model.save_model_to_file(str(destination), use_external_data_format=large)
 
 
-def check_optimizer_names(names: Sequence[str]) -> list[str]:
-    """`names` as a list, after checking that they can be ONNX Runtime graph transformer names."""
-    if isinstance(names, str) or any(not isinstance(name, str) or not name or ";" in name for name in names):
-        raise ValueError(
-            f"Disabled optimizers must be a sequence of ONNX Runtime graph transformer names such as "
-            f"['SkipLayerNormFusion'], got {names!r}."
-        )
-    return list(names)
-
-
-def default_disabled_optimizers(device: str) -> tuple[str, ...]:
-    """The ONNX Runtime rewrites `ort_session_options` leaves off on `device` unless told otherwise."""
-    return CPU_DISABLED_OPTIMIZERS if device == "cpu" else ()
-
-
-def ort_session_options(device: str = "cpu", disabled_optimizers: Optional[Sequence[str]] = None):
-    """ONNX Runtime's default session options, less the graph rewrites known to slow `device` down.
-
-    Hand them to whatever runs the exported file: `onnxruntime.InferenceSession(path, ort_session_options())`, or
-    the `session_options` argument of optimum's ONNX Runtime model classes. The benchmark and the
-    `optimization_level` export use the same, so their figures are what such a session gets.
-
-    Args:
-        device (`str`, *optional*, defaults to `"cpu"`): `"cpu"` or `"cuda"`, the execution provider the session
-            will run on.
-        disabled_optimizers (`Sequence[str]`, *optional*): ONNX Runtime graph transformers to leave off, by name;
-            `None` means `CPU_DISABLED_OPTIMIZERS` on CPU and none on CUDA, `()` ONNX Runtime's stock behaviour.
-
-    Returns:
-        `onnxruntime.SessionOptions`
-    """
-    import onnxruntime as ort
-
-    _check_device_name(device)  # only the name: options for a GPU can be built on a machine without one
-    names = check_optimizer_names(default_disabled_optimizers(device) if disabled_optimizers is None
-                                  else disabled_optimizers)
-    options = ort.SessionOptions()
-    if names:
-        options.add_session_config_entry("optimization.disable_specified_optimizers", ";".join(names))
-    return options
-
-
 def _optimize_graph(source: Path, destination: Path, optimization_level: str, device: str) -> None:
     """Let an ONNX Runtime session apply its graph optimisations and serialise the result.
 
@@ -261,13 +221,8 @@ def _optimize_graph(source: Path, destination: Path, optimization_level: str, de
     ort.InferenceSession(str(source), options, providers=_execution_providers(device))
 
 
-def _check_device_name(device: str) -> None:
-    if device not in DEVICES:
-        raise ValueError(f"`device` must be one of {DEVICES}, got {device!r}.")
-
-
 def _check_device(device: str) -> None:
-    _check_device_name(device)
+    check_device_name(device)
     if device == "cuda":
         import onnxruntime as ort
 
@@ -485,3 +440,49 @@ def validate_onnx(
         )
     logger.info("ONNX validation of %s passed: max |Δ| %s (atol %.1e).", path, max_abs_diff, atol)
     return max_abs_diff
+
+
+def check_onnx_generation(onnx_path: PathLike, model, *, atol: float, providers: Optional[Sequence[str]] = None,
+                          max_new_tokens: int = 32, seed: int = 0) -> None:
+    """Greedy generation with ONNX Runtime must give PyTorch's `generate(do_sample=False)` tokens.
+
+    Two random prompts of 8 tokens, the second left-padded by 3, so the cache, the positions and the padding mask
+    are all exercised over `max_new_tokens` steps. A different token where PyTorch's top two logits lie within
+    `atol` of each other is a tie that float32 round-off may break either way: a warning, not a failure.
+
+    Raises:
+        `RMTKDValidationError`: at the first step where the tokens differ without such a tie.
+    """
+    generation_config = model.generation_config
+    eos = generation_config.eos_token_id
+    pad = generation_config.pad_token_id
+    pad = pad if pad is not None else (eos if isinstance(eos, int) else (eos or [0])[0])
+    rng = np.random.default_rng(seed)
+    input_ids = rng.integers(0, model.config.vocab_size, size=(2, 8), dtype=np.int64)
+    attention_mask = np.ones_like(input_ids)
+    input_ids[1, :3], attention_mask[1, :3] = pad, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        output = model.generate(input_ids=torch.from_numpy(input_ids).to(device),
+                                attention_mask=torch.from_numpy(attention_mask).to(device), do_sample=False,
+                                max_new_tokens=max_new_tokens, pad_token_id=pad, return_dict_in_generate=True,
+                                output_logits=True)
+    expected = output.sequences.cpu().numpy()
+    actual = ONNXCausalLM.from_file(onnx_path, providers=providers).greedy(
+        input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    if actual.shape == expected.shape and np.array_equal(actual, expected):
+        return
+    width = min(actual.shape[1], expected.shape[1])
+    differ = np.argwhere(actual[:, :width] != expected[:, :width])
+    if len(differ) == 0:
+        raise RMTKDValidationError(
+            f"ONNX Runtime generated {actual.shape[1] - 8} tokens where PyTorch generated {expected.shape[1] - 8}.")
+    row, column = differ[np.argmin(differ[:, 1])]
+    logits = output.logits[column - 8][row].float().cpu().numpy()
+    gap = float(logits[expected[row, column]] - logits[actual[row, column]])
+    message = (f"greedy generation differs at new token {column - 8} of prompt {row}: PyTorch {expected[row, column]},"
+               f" ONNX Runtime {actual[row, column]}, PyTorch's logits of the two {gap:.2e} apart")
+    if gap <= atol:
+        logger.warning(f"A tie broken differently: {message}, within `atol` {atol:.1e}.")
+        return
+    raise RMTKDValidationError(f"ONNX Runtime and PyTorch {message}; the export is wrong.")
