@@ -687,6 +687,7 @@ def _onnx_model_path(
         "max_abs_diff": result.max_abs_diff,
         "atol": result.atol,
         "opset": result.opset,
+        "timings": result.timings,
     }
     atomic_write_json(source_file, {"fingerprint": fingerprint, "export": record})
     return result.onnx_path, {**record, "reused": False}

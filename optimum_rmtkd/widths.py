@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from torch import nn
@@ -160,8 +160,11 @@ class Allocation:
     """A size target met by the spectra (`allocate_widths`).
 
     Attributes:
-        scale (`float`): the factor applied to every site's fitted σ² (on top of `config.sigma2_scale`); above 1 the
-            target asked for more than the estimator's own widths, below 1 for less.
+        scale (`float`): the factor applied to every site's fitted σ² (on top of `config.sigma2_scale`) where the
+            count first meets the target; above 1 the target asked for more than the estimator's own widths, below
+            1 for less.
+        group_scales (`list[float]`): the factor each stage's group of sites ends with (`Adapter.stages` order):
+            `scale`, or less where the slack a coarse kind left was given back to that group.
         widths (`dict[str, int]`): site name → the width to cut it to (its own width when it is left alone).
         parameters (`int`): the predicted parameter count with these widths.
         original_parameters (`int`), target_parameters (`int`): the model's count and the most the target allows.
@@ -171,6 +174,7 @@ class Allocation:
     """
 
     scale: float
+    group_scales: List[float]
     widths: Dict[str, int]
     parameters: int
     original_parameters: int
@@ -204,7 +208,8 @@ def allocate_widths(
     """Widths for every site of `config.sites` that remove at least `target_reduction` of the parameters, with the
     spectra deciding where to cut: one global factor s on every site's σ² (the kept rank falls as s grows, see
     `fit_spectrum(scale=...)`), the smallest that meets the target, found by bisection on log s against the count
-    `adapter.parameters_after_cut` predicts. A site whose width would stay at `max_kept_ratio` of its own or more is
+    `adapter.parameters_after_cut` predicts; then each stage's group in turn lowers its own factor as far as the
+    target allows, so that a coarse step of one kind does not leave the count far below the target. A site whose width would stay at `max_kept_ratio` of its own or more is
     left alone, as the compressor's stages leave it.
 
     Args:
@@ -243,15 +248,19 @@ def allocate_widths(
             )
         return predicted
 
-    def at_scale(log_scale: float) -> Dict[str, int]:
+    def at_scales(log_scales: Sequence[float]) -> Dict[str, int]:
+        """The widths when the sites of `groups[i]` have their σ² scaled by e^log_scales[i]."""
         # Only the chosen estimator is fitted here: `decide_widths` also fits every other one for its reports.
-        scaled = dataclasses.replace(config, sigma2_scale=config.sigma2_scale * math.exp(log_scale))
-        ranks = {name: fit_spectrum(spectrum.eigenvalues, spectrum.n_samples, warn=False,
-                                    **scaled.estimator_kwargs()).rank for name, spectrum in spectra.items()}
         widths: Dict[str, int] = {}
-        for group in groups:
+        for group, log_scale in zip(groups, log_scales):
+            kwargs = dataclasses.replace(config, sigma2_scale=config.sigma2_scale * math.exp(log_scale))
+            ranks = {s.name: fit_spectrum(spectra[s.name].eigenvalues, spectra[s.name].n_samples, warn=False,
+                                          **kwargs.estimator_kwargs()).rank for s in group}
             widths.update(widths_for_ranks(adapter, model, group, ranks, config)[1])
         return worth_cutting(adapter.joint_widths(model, sites, widths))
+
+    def at_scale(log_scale: float) -> Dict[str, int]:
+        return at_scales([log_scale] * len(groups))
 
     def uniform(share: float) -> Dict[str, int]:
         ranks = {s.name: max(1, int(round(share * s.dim))) for s in sites}
@@ -277,10 +286,23 @@ def allocate_widths(
         log_scale = low
     else:
         log_scale = _bisect(lambda x: count(at_scale(x)) <= target, low, high, 32)
-    widths = at_scale(log_scale)
+    # Give back the slack: a coarse kind (a decoder's heads move in steps of a ninth of its attention) can drop
+    # the count well below the target at the scale where it first meets it. Each stage's group in turn gets the
+    # smallest scale of its own (the most width) that still meets the target, the others held.
+    log_scales = [log_scale] * len(groups)
+    for index in range(len(groups)):
+        def with_group(x: float, index: int = index) -> Dict[str, int]:
+            return at_scales(log_scales[:index] + [x] + log_scales[index + 1:])
+
+        if count(with_group(low)) <= target:
+            log_scales[index] = low
+        else:
+            log_scales[index] = _bisect(lambda x: count(with_group(x)) <= target, low, log_scales[index], 32)
+    widths = at_scales(log_scales)
     share = _bisect(lambda x: count(uniform(1.0 - x)) <= target, 0.0, 1.0, 24)
     uniform_widths = uniform(1.0 - share)
     return Allocation(
-        scale=math.exp(log_scale), widths=widths, parameters=count(widths), original_parameters=original,
+        scale=math.exp(log_scale), group_scales=[math.exp(x) for x in log_scales], widths=widths,
+        parameters=count(widths), original_parameters=original,
         target_parameters=target, uniform_widths=uniform_widths, uniform_share=1.0 - share,
     )

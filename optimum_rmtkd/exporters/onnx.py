@@ -85,6 +85,8 @@ class ONNXExportResult:
         opset (`int`): the ONNX opset of the default domain.
         atol (`float`): the tolerance the validation used.
         seconds (`float`): wall time of the whole export, validation included.
+        timings (`dict[str, float]`): seconds of its parts: `export` (trace, graph passes, files), `validation`
+            and, for a causal LM, `generation_check`.
         generation_checked (`bool`): whether a greedy generation with ONNX Runtime was checked against PyTorch's
             `generate` (causal LMs, when validated).
     """
@@ -96,6 +98,7 @@ class ONNXExportResult:
     atol: float = DEFAULT_ATOL
     seconds: float = 0.0
     generation_checked: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def read_config_dict(model_dir: PathLike) -> dict:
@@ -334,11 +337,14 @@ def export_onnx(
             else:
                 _optimize_graph(onnx_path, optimized_path, optimization_level, device)
             onnx_path = optimized_path
+        timings = {"export": time.perf_counter() - start}
         max_abs_diff: dict[str, float] = {}
         if validate:
             max_abs_diff = validate_onnx(onnx_path, model.to(device), atol=atol, providers=providers)
+            timings["validation"] = time.perf_counter() - start - sum(timings.values())
             if task.is_generative:
                 check_onnx_generation(onnx_path, model, atol=atol, providers=providers)
+                timings["generation_check"] = time.perf_counter() - start - sum(timings.values())
         final_path = output_dir / onnx_path.name
     seconds = time.perf_counter() - start
     logger.info("Exported %s to %s in %.1f s (max |Δ| %s).", model_dir, final_path, seconds, max_abs_diff)
@@ -350,6 +356,7 @@ def export_onnx(
         atol=atol,
         seconds=seconds,
         generation_checked=validate and task.is_generative,
+        timings=timings,
     )
 
 
@@ -369,7 +376,7 @@ def validate_onnx(
     onnx_dir_or_path: PathLike,
     model: Union[PreTrainedModel, PathLike],
     *,
-    atol: float = DEFAULT_ATOL,
+    atol: Optional[float] = None,
     shapes: Optional[Sequence[tuple[int, int]]] = None,
     with_padding: bool = True,
     providers: Optional[Sequence[str]] = None,
@@ -385,7 +392,7 @@ def validate_onnx(
     Args:
         onnx_dir_or_path (`str` or `os.PathLike`): an ONNX file, or a folder holding `model.onnx`.
         model (`PreTrainedModel`, `str` or `os.PathLike`): the PyTorch reference, or its `save_pretrained` folder.
-        atol (`float`, *optional*, defaults to 1e-4): largest allowed max |Δ| of the logits.
+        atol (`float`, *optional*): largest allowed max |Δ| of the outputs; defaults to the task's `onnx_atol`.
         shapes (`Sequence[tuple[int, int]]`, *optional*): the `(batch_size, size)` pairs to compare at; defaults to
             the task's `validation_shapes`.
         with_padding (`bool`, *optional*, defaults to `True`): pad all text rows but the first.
@@ -415,6 +422,7 @@ def validate_onnx(
     if not isinstance(model, torch.nn.Module):
         model = load_saved_model(model)
     task = model_task(model)
+    atol = task.onnx_atol if atol is None else atol
     session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
     max_abs_diff: dict[str, float] = {}
     cases = task.onnx_validation_inputs(model, shapes or task.validation_shapes, with_padding=with_padding,

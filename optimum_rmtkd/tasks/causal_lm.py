@@ -256,9 +256,11 @@ class CausalLMTask(Task):
 
     # --- export ---------------------------------------------------------------------------------------------
     is_generative = True
-    # A deep decoder's logits are large (|logit| ~ 30 over a 49k vocabulary for SmolLM2) and float32 round-off grows
-    # with depth: ONNX Runtime and PyTorch differed by up to 4.6e-4 on SmolLM2-135M's 30 layers (1e-5 relative).
-    onnx_atol = 1e-3
+    # A deep decoder's logits are large (|logit| up to ~31 for SmolLM2-135M) and its activations have outliers, so
+    # float32 round-off is large in absolute terms: PyTorch's own eager and SDPA attention differ by 1.5e-3 on the
+    # compressed SmolLM2, ONNX Runtime and PyTorch by up to 1e-2 (3e-4 of the logit scale). A broken cache or mask
+    # is off by O(1); the greedy generation check guards the tokens themselves.
+    onnx_atol = 2e-2
     onnx_attn_implementation = "eager"  # torch.export fails on the SDPA path (`is_causal` becomes a SymBool)
 
     def onnx_input_names(self, model: nn.Module) -> Tuple[str, ...]:
