@@ -118,3 +118,31 @@ def test_resnet_allocation_count_is_the_cut_models(layer_type, output_format, tm
                              stats, config)
         assert as_output_format(cut, output_format).num_parameters() == allocation.parameters
         assert allocation.parameters <= allocation.target_parameters
+
+
+def test_the_slack_of_a_coarse_kind_goes_back_to_the_other_groups(tmp_path):
+    # A decoder's heads move in whole heads: at the global scale where the count first meets the target, the heads
+    # step can leave it far below. Each stage's group then lowers its own scale while the target still holds.
+    from _models import save_tiny_decoder
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_decoder(tmp_path / "m")).eval()
+    adapter = get_adapter(model)
+    config = RMTKDConfig(**{**FAST, "sites": ("ffn", "heads")}, estimator="mp-median")
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 40, (8, 12), generator=g)} for _ in range(4)]
+    stats = collect_statistics(model, batches, adapter.required_captures(adapter.sites(model)),
+                               forward_kwargs={"use_cache": False})
+    allocation = allocate_widths(adapter, model, stats, config, 0.3)
+    assert allocation.parameters <= allocation.target_parameters
+    assert len(allocation.group_scales) == 2 and all(s <= allocation.scale for s in allocation.group_scales)
+    # The global scale alone gives no more than the filled widths.
+    global_only = dict(config.to_dict(), sigma2_scale=allocation.scale)
+    decided = {}
+    for group in adapter.stages(model, RMTKDConfig.from_dict(global_only)):
+        from optimum_rmtkd.widths import decide_widths
+
+        decided.update(decide_widths(adapter, model, group, stats, RMTKDConfig.from_dict(global_only),
+                                     warn=False).widths)
+    kept_share = {name: decided[name] <= allocation.widths[name] for name in decided}
+    assert all(kept_share.values())
