@@ -139,8 +139,10 @@ def test_benchmark_report_schema(bert_pair, tmp_path):
         assert all(isinstance(size, int) and size > 0 for size in summary["file_size_bytes"].values())
         # Exported into the empty cache by this run: the time of export + validation is measured, not reused.
         export = summary["onnx_export"]
-        assert set(export) == {"seconds", "max_abs_diff", "atol", "opset", "reused"}
+        assert set(export) == {"seconds", "max_abs_diff", "atol", "opset", "timings", "reused"}
         assert export["seconds"] > 0 and export["reused"] is False and export["opset"] == 23
+        assert set(export["timings"]) == {"export", "validation"} and sum(export["timings"].values()) <= export[
+            "seconds"]
         assert set(export["max_abs_diff"]) == {"2x16", "3x37"} and max(export["max_abs_diff"].values()) < 1e-4
     assert data["settings"]["reuse_onnx"] is True
     assert data["settings"]["ort_disabled_optimizers"] == {
@@ -451,7 +453,7 @@ def test_onnx_cache_is_reused_only_for_the_same_source(monkeypatch, tmp_path):
     for folder in (first, second):
         folder.mkdir()
         (folder / "config.json").write_text("{}")
-    record = {"seconds": 2.5, "max_abs_diff": {"2x16": 1e-6}, "atol": 1e-4, "opset": 23}
+    record = {"seconds": 2.5, "max_abs_diff": {"2x16": 1e-6}, "atol": 1e-4, "opset": 23, "timings": {}}
     assert benchmark_module._onnx_model_path(first, cache) == (cache / "model.onnx", {**record, "reused": False})
     # Same files: reused, with the time measured when the export was made.
     assert benchmark_module._onnx_model_path(first, cache) == (cache / "model.onnx", {**record, "reused": True})
