@@ -451,8 +451,8 @@ class _ONNXRuntimeRunner:
 class _ONNXRuntimeDecodeRunner(_ONNXRuntimeRunner):
     """`new_tokens` greedy decode steps (`ONNXCausalLM.decode`) after the prompt's cache, built once, untimed.
 
-    The cache goes through NumPy between steps on every provider: on CUDA each step copies it to the host and
-    back, so a CUDA decode time is an upper bound of what I/O binding would give.
+    The steps run with I/O binding: the cache each step writes stays on the provider's device as the next step's
+    past (on CUDA it never crosses to the host); only the prompt's cache starts from host memory.
     """
 
     def __init__(self, onnx_path: Path, device: str, threads: Optional[int], disabled_optimizers: Sequence[str],

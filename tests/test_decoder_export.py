@@ -88,6 +88,25 @@ def test_onnx_runtime_matches_pytorch_step_by_step_with_a_cache(llama):
     assert past["past_key_values.0.key"].shape == (2, 2, 5, 8)
 
 
+def test_the_io_bound_decode_loop_equals_plain_steps(llama):
+    # `decode` keeps each step's cache as device `OrtValue`s (I/O binding); `step` goes through NumPy every time.
+    _, result = llama
+    decoder = ONNXCausalLM.from_file(result.onnx_path)
+    prompt = np.array([[0, 1, 5, 6], [1, 9, 10, 11]])
+    mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1]])  # left-padded first row
+    logits, past = decoder.step(prompt, mask, decoder.empty_past(2))
+    next_ids = logits[:, -1:].argmax(axis=-1)
+    fed = decoder.decode(next_ids, mask, past, steps=6)
+    expected, step_ids, step_mask = [], next_ids, mask
+    for _ in range(6):
+        step_mask = np.concatenate([step_mask, np.ones((2, 1), np.int64)], axis=1)
+        expected.append(step_ids)
+        logits, past = decoder.step(step_ids, step_mask, past)
+        step_ids = logits[:, -1:].argmax(axis=-1)
+    assert fed.shape == (2, 6)
+    np.testing.assert_array_equal(fed, np.concatenate(expected, axis=1))
+
+
 def test_generate_onnx_equals_generate_token_for_token(llama):
     folder, result = llama
     output = generate_onnx(result.onnx_path.parent, PROMPTS, max_new_tokens=12)

@@ -38,6 +38,10 @@ class ONNXGeneration:
 class ONNXCausalLM:
     """An exported causal LM in an ONNX Runtime session, run step by step with its key/value cache.
 
+    The generation loops (`greedy`, `decode`) bind their inputs and outputs (`io_binding`): each step's `present`
+    tensors stay where the provider wrote them (GPU memory on CUDA) and are bound as the next step's past, so the
+    cache never travels through host memory; only the last position's logits come back for the argmax.
+
     Args:
         session (`onnxruntime.InferenceSession`): a session of `model.onnx` from an `export_onnx` folder of a
             `text-generation` model; `from_file` opens one.
@@ -55,6 +59,7 @@ class ONNXCausalLM:
         # Heads and head size are fixed axes of the graph; batch and past length are named (dynamic) ones.
         self.past_shapes = {name: (int(inputs[name].shape[1]), int(inputs[name].shape[3])) for name in self.past_names}
         self.output_names = [output.name for output in session.get_outputs()]
+        self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     @classmethod
     def from_file(cls, onnx_path: PathLike, *, providers: Optional[Sequence[str]] = None,
@@ -72,29 +77,64 @@ class ONNXCausalLM:
         return {name: np.zeros((batch_size, heads, 0, size), dtype=np.float32)
                 for name, (heads, size) in self.past_shapes.items()}
 
+    @staticmethod
+    def _step_inputs(input_ids: np.ndarray, attention_mask: np.ndarray) -> Dict[str, np.ndarray]:
+        positions = np.cumsum(attention_mask, axis=1) - 1  # left padding: real tokens count from 0, as `generate`
+        positions = np.maximum(positions, 0)[:, -input_ids.shape[1]:].astype(np.int64)
+        return {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                "position_ids": positions}
+
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: Dict[str, np.ndarray]
              ) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
         """One forward of `input_ids` after `past`; `attention_mask` covers past and new tokens. Returns the logits
-        and the grown cache, keyed by the input names of the next step."""
-        positions = np.cumsum(attention_mask, axis=1) - 1  # left padding: real tokens count from 0, as `generate`
-        positions = np.maximum(positions, 0)[:, -input_ids.shape[1]:].astype(np.int64)
-        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
-                "position_ids": positions, **past}
-        outputs = self.session.run(self.output_names, feed)
-        present = dict(zip(self.past_names, outputs[1:]))
-        return outputs[0], present
+        and the grown cache as NumPy arrays, keyed by the input names of the next step."""
+        outputs = self.session.run(self.output_names, {**self._step_inputs(input_ids, attention_mask), **past})
+        return outputs[0], dict(zip(self.past_names, outputs[1:]))
+
+    def _bound_step(self, binding, input_ids: np.ndarray, attention_mask: np.ndarray, past: Dict[str, object]
+                    ) -> Tuple[np.ndarray, Dict[str, object]]:
+        """`step` through `binding`: `past` values may be NumPy arrays or the `OrtValue`s a previous step left on
+        the device; the returned cache is `OrtValue`s on the device, the logits (last position) a NumPy array."""
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, value in self._step_inputs(input_ids, attention_mask).items():
+            binding.bind_cpu_input(name, value)
+        for name, value in past.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output(self.output_names[0], "cpu")
+        for name in self.output_names[1:]:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy()[:, -1], dict(zip(self.past_names, outputs[1:]))
+
+    def _greedy_steps(self, step_ids: np.ndarray, mask: np.ndarray, past: Dict[str, object], steps: int,
+                      eos: set, fill: int) -> np.ndarray:
+        """Up to `steps` greedy tokens after `step_ids` (which `past` does not hold yet); finished rows get
+        `fill`, and the loop stops early once every row has produced a token of `eos`."""
+        binding = self.session.io_binding()
+        generated, finished = [], np.zeros(len(step_ids), dtype=bool)
+        for _ in range(steps):
+            logits, past = self._bound_step(binding, step_ids, mask, past)
+            next_ids = np.where(finished, fill, logits.argmax(axis=-1)).astype(np.int64)
+            generated.append(next_ids[:, None])
+            finished |= np.isin(next_ids, list(eos))
+            if finished.all():
+                break
+            step_ids = next_ids[:, None]
+            mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
+        return np.concatenate(generated, axis=1)
 
     def decode(self, next_ids: np.ndarray, attention_mask: np.ndarray, past: Dict[str, np.ndarray],
                steps: int) -> np.ndarray:
         """`steps` greedy decode steps after a prompt whose cache is `past` (the benchmark's decode phase; see
         `kv_cache.greedy_decode` for PyTorch's). Returns the `(batch, steps)` tokens fed."""
-        fed = []
-        for _ in range(steps):
-            attention_mask = np.concatenate([attention_mask, np.ones((len(attention_mask), 1), np.int64)], axis=1)
-            logits, past = self.step(next_ids, attention_mask, past)
-            fed.append(next_ids)
-            next_ids = logits[:, -1:].argmax(axis=-1).astype(np.int64)
-        return np.concatenate(fed, axis=1)
+        mask = np.concatenate([attention_mask, np.ones((len(attention_mask), 1), np.int64)], axis=1)
+        generated = self._greedy_steps(next_ids, mask, past, steps, eos=set(), fill=0)
+        return np.concatenate([next_ids, generated[:, :-1]], axis=1)
 
     def greedy(self, input_ids: np.ndarray, attention_mask: Optional[np.ndarray] = None, *, max_new_tokens: int,
                eos_token_id: Union[None, int, Sequence[int]] = None, pad_token_id: Optional[int] = None
@@ -105,19 +145,8 @@ class ONNXCausalLM:
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
         fill = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
-        sequences, finished = input_ids, np.zeros(len(input_ids), dtype=bool)
-        step_ids, past = input_ids, self.empty_past(len(input_ids))
-        for _ in range(max_new_tokens):
-            logits, past = self.step(step_ids, mask, past)
-            next_ids = logits[:, -1].argmax(axis=-1).astype(np.int64)
-            next_ids = np.where(finished, fill, next_ids)
-            sequences = np.concatenate([sequences, next_ids[:, None]], axis=1)
-            finished |= np.isin(next_ids, list(eos))
-            if finished.all():
-                break
-            step_ids = next_ids[:, None]
-            mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
-        return sequences
+        generated = self._greedy_steps(input_ids, mask, self.empty_past(len(input_ids)), max_new_tokens, eos, fill)
+        return np.concatenate([input_ids, generated], axis=1)
 
 
 def _eos_token_ids(folder: Path, tokenizer) -> Optional[List[int]]:

@@ -134,7 +134,8 @@ def _weights_bytes(model: torch.nn.Module) -> int:
 
 
 def _torch_export(model: PreTrainedModel, onnx_path: Path, opset: int) -> None:
-    """Trace the task's `onnx_module(model)` with `torch.export` and write the ONNX graph with its dynamic axes."""
+    """Trace the task's `onnx_module(model)` with `torch.export`, optimise the graph (`_optimize_graph_ir`) and
+    write it with its dynamic axes."""
     task = model_task(model)
     input_names = task.onnx_input_names(model)
     example = task.onnx_example_inputs(model, np.random.default_rng(0))
@@ -144,19 +145,39 @@ def _torch_export(model: PreTrainedModel, onnx_path: Path, opset: int) -> None:
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
         # torch 2.13's exporter trips its own pytree deprecation (`LeafSpec`); nothing a user can act on.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        torch.onnx.export(
+        program = torch.onnx.export(
             task.onnx_module(model),
             (),
-            str(onnx_path),
             kwargs=kwargs,
             input_names=list(input_names),
             output_names=list(task.onnx_output_names(model)),
             opset_version=opset,
             dynamo=True,
+            optimize=False,
             dynamic_shapes=task.onnx_module_kwargs(task.dynamic_axes(input_names)),
-            external_data=_weights_bytes(model) > _EXTERNAL_DATA_BYTES,
             verbose=False,
         )
+    _optimize_graph_ir(program.model)
+    program.save(str(onnx_path), external_data=_weights_bytes(model) > _EXTERNAL_DATA_BYTES)
+
+
+def _optimize_graph_ir(model) -> None:
+    """onnxscript's optimisation as `torch.onnx.export(optimize=True)` runs it (`optimize_ir`, then the ONNX
+    fusions: RMSNormalization, RotaryEmbedding), after a cheap first pass of constant folding and common
+    subexpression elimination. The rewrite rules of `optimize_ir` are matched against every node; the first pass
+    shrinks a 30-layer decoder's fresh graph 2.8× (6,835 → 2,421 nodes on SmolLM2-135M, every layer recomputes the
+    same rotary tables), so the optimisation takes 25 s instead of 75–88 s on 2 cores and ends at the same graph
+    (same 1,658 nodes)."""
+    import onnxscript.optimizer
+    from onnx_ir.passes.common import CommonSubexpressionEliminationPass
+    from onnxscript.rewriter import onnx_fusions
+
+    onnxscript.optimizer.inline(model)
+    onnxscript.optimizer.fold_constants_ir(model, onnx_shape_inference=True)
+    onnxscript.optimizer.remove_unused_nodes(model)
+    CommonSubexpressionEliminationPass()(model)
+    onnxscript.optimizer.optimize_ir(model)
+    onnx_fusions.fuse(model)
 
 
 def _fold_attention_layouts(onnx_path: Path) -> None:
