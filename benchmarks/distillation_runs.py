@@ -75,6 +75,11 @@ class DistillationRuns:
         self.original_dir = args.original or self.out / "original"
         ensure_original(self.original_dir, self.data["train"], self.tokenizer, self.base_config, self.accelerator, 1.0)
 
+    def finished(self, name: str) -> Optional[Dict[str, Any]]:
+        """The record `runs/<name>.json` of a finished run, `None` when there is none."""
+        path = self.runs_dir / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def load_original(self):
         return AutoModelForSequenceClassification.from_pretrained(self.original_dir)
 

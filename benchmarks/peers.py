@@ -75,7 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    add_budget_arguments(parser, distillation_steps=160)
+    parser.add_argument("--table-only", action="store_true",
+                        help="write the tables from the runs already finished in <output-dir>/runs, run nothing")
+    add_budget_arguments(parser, distillation_steps=60)
     return parser.parse_args(argv)
 
 
@@ -120,12 +122,15 @@ class PeersBenchmark(DistillationRuns):
         stats = collect_statistics(model, loader, adapter.required_captures(sites))
         allocation = allocate_widths(adapter, model, stats, config, reduction)
         widths = _uniform_filled(adapter, model, sites, stats, config, allocation) if uniform else allocation.widths
+        cut_yet = False
         for group in groups:  # the compressor's stages, each on fresh statistics of the model cut so far
             names = {site.name for site in group}
             current = [s for s in adapter.sites(model) if s.name in names and widths[s.name] < s.dim]
             if current:
-                stats = collect_statistics(model, loader, adapter.required_captures(current))
+                if cut_yet:  # before the first cut the allocation's statistics are the model's own
+                    stats = collect_statistics(model, loader, adapter.required_captures(current))
                 model = adapter.reduce(model, current, {s.name: widths[s.name] for s in current}, stats, config)
+                cut_yet = True
         model = as_output_format(model, config.output_format)
         return Pruned(model, {"scale": allocation.scale, "widths": widths, "uniform_share": allocation.uniform_share},
                       save=lambda folder: save_compressed_model(model, self.tokenizer, folder, config.output_format))
@@ -221,7 +226,8 @@ class PeersBenchmark(DistillationRuns):
         ffn = original.config.intermediate_size - -(-excess // per_channel)  # ceil division
         if ffn < 1:
             raise _CannotReach(
-                f"vocabulary pruning to the {vocab_probe.config.vocab_size:,} tokens of the training sentences and "
+                f"vocabulary pruning to the {vocab_probe.get_input_embeddings().num_embeddings:,} tokens of the "
+                f"training sentences and "
                 f"FFN pruning to width 1 leave {vocab_probe.num_parameters() - per_channel * (original.config.intermediate_size - 1):,} "
                 f"parameters, more than the {target:,} this size allows (it prunes neither the hidden width nor, "
                 "under transformers 5, the heads)")
@@ -240,11 +246,14 @@ class PeersBenchmark(DistillationRuns):
         kept = torch.tensor(vocabulary.pruned_token_ids)
         input_ids_map = torch.full((original.config.vocab_size,), kept.tolist().index(self.tokenizer.unk_token_id))
         input_ids_map[kept] = torch.arange(len(kept))
-        model.config.intermediate_size = model.bert.encoder.layer[0].intermediate.dense.out_features
+        # TextPruner's FFN pruning swaps the weight tensors but leaves the config (and `Linear.out_features`) as they
+        # were; its vocabulary pruner then saves that config: give it the width the weights have.
+        model.config.intermediate_size = model.bert.encoder.layer[0].intermediate.dense.weight.shape[0]
         model.config.vocab_size = len(kept)
 
         def save(folder: Path) -> None:
-            vocabulary.save_model(str(folder))  # the weights and the pruned tokenizer vocabulary
+            # The weights, config and pruned vocabulary; an absolute path, or TextPruner nests it in its work dir.
+            vocabulary.save_model(str(folder.resolve()))
         return Pruned(model, {"ffn": ffn, "vocabulary": len(kept)}, input_ids_map=input_ids_map, save=save)
 
     # ---- running them ----------------------------------------------------------------------------------------
@@ -457,10 +466,12 @@ def render(summary: Dict[str, Any]) -> str:
         reload = row["reload"][0]
         reload_text = "yes" if reload["reloads"] else f"no ({reload.get('why', 'logits differ')})"
         parameters = row["parameters"][0]
+        distilled = (f"{percent(row['distilled_test'])} (n={len(row['distilled_test'])})"
+                     if row["distilled_test"] else "-")
         lines.append(
             f"| −{row['size']} | {row['method']} | {_widths_text(row)} | {parameters:,} "
             f"({1 - parameters / original['parameters']:.1%} cut) | {percent(row['one_shot_test'])} | "
-            f"{percent(row['distilled_test']) if row['distilled_test'] else '-'} | "
+            f"{distilled} | "
             f"{points(row['gap_to_control']) if row['gap_to_control'] else '-'} | {reload_text} | "
             f"{sum(row['prune_s']) / len(row['prune_s']):.0f} s | {speed_text} |"
         )
@@ -476,13 +487,23 @@ def main(argv=None) -> Dict[str, Any]:
     for seed in args.seeds:
         for size in args.sizes:
             for method in args.methods:
-                record = bench.run(method, size, seed)
+                record = bench.finished(f"{method}-{size}-seed{seed}") if args.table_only else bench.run(
+                    method, size, seed)
+                if record is None:
+                    continue
                 runs.append(record)
-                if seed == args.seeds[0] and not args.no_speed and not record.get("cannot_reach"):
-                    twin = record.get("same_model_as")
-                    speeds[f"{method}-{size}"] = (speeds.get(f"{twin}-{size}") if twin else
-                                                  bench.speed(f"{method}-{size}", Path(record["folder"])))
-        controls.append(bench.control(seed))
+                key = f"{method}-{size}"
+                if key in speeds or args.no_speed or record.get("cannot_reach"):
+                    continue
+                twin = record.get("same_model_as")
+                if twin:
+                    speeds[key] = speeds.get(f"{twin}-{size}")
+                else:  # timed once, on the first seed's model
+                    speeds[key] = (bench.finished(f"speed-{key}") if args.table_only
+                                   else bench.speed(key, Path(record["folder"])))
+        control = bench.finished(f"control-seed{seed}") if args.table_only else bench.control(seed)
+        if control is not None:
+            controls.append(control)
         summary = summarise(args, original, runs, controls, speeds, floor)
         atomic_write_json(args.output_dir / "results.json", summary)
         atomic_write_text(args.output_dir / "results.md", render(summary))
