@@ -96,8 +96,8 @@ class DistillationRuns:
     def calibration_loader(self, seed: int) -> DataLoader:
         """`calibration_examples` training sentences drawn by `seed`, batched as the compressor calibrates."""
         subset = calibration_subset(self.splits["train"], 1.0, self.args.calibration_examples, seed)
-        prepared = TASK.prepare({"calibration": subset}, self.tokenizer, AutoConfig.from_pretrained(self.original_dir), Columns(),
-                                self.args.max_length)
+        model_config = AutoConfig.from_pretrained(self.original_dir)
+        prepared = TASK.prepare({"calibration": subset}, self.tokenizer, model_config, Columns(), self.args.max_length)
         return DataLoader(prepared.splits["calibration"].with_format("torch"), batch_size=32,
                           collate_fn=TASK.collator(self.tokenizer))
 
@@ -110,22 +110,22 @@ class DistillationRuns:
 
     def control(self, seed: int) -> Dict[str, Any]:
         """The original distilled from itself for the same steps: what the training alone is worth."""
-        path = self.runs_dir / f"control-seed{seed}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        record = self.finished(f"control-seed{seed}")
+        if record is not None:
+            return record
         config = RMTKDConfig(**{**self.base_config.to_dict(), "seed": seed})
         student = self.distil(self.load_original(), config, f"Control seed {seed}")
         record = {"seed": seed, "parameters": student.num_parameters(), "distilled": self.scores(student),
                   "distillation_steps": self.args.distillation_steps}
-        atomic_write_json(path, record)
+        atomic_write_json(self.runs_dir / f"control-seed{seed}.json", record)
         return record
 
     def speed(self, name: str, folder: Path) -> Optional[Dict[str, Any]]:
         """ONNX Runtime CPU speed-up of the model saved in `folder` over the original at 32 × 128, with its 95%
         interval (the seed does not change the speed: one model per name is timed)."""
-        path = self.runs_dir / f"speed-{name}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        record = self.finished(f"speed-{name}")
+        if record is not None:
+            return record
         report = benchmark_models(
             self.original_dir, folder, backends=("onnxruntime-cpu",), batch_sizes=(32,), sequence_lengths=(128,),
             repeats=self.args.speed_repeats, threads=2, onnx_cache_dir=self.out / "onnx" / name,
@@ -133,5 +133,5 @@ class DistillationRuns:
         row = report.speedup_for("onnxruntime-cpu", 32, 128)
         record = {"speedup": row.speedup, "speedup_ci95": list(row.speedup_ci95), "flop_ratio": row.flop_ratio,
                   "file_size_bytes": report.models["compressed"]["file_size_bytes"]}
-        atomic_write_json(path, record)
+        atomic_write_json(self.runs_dir / f"speed-{name}.json", record)
         return record

@@ -19,7 +19,6 @@ per run (`runs/`) so an interrupted benchmark resumes where it stopped; the tabl
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -75,7 +74,7 @@ class HiddenCutBenchmark(DistillationRuns):
         """Cut, score one-shot, then (unless `--one-shot-only`) distil and score again; a finished step is read
         back from its file instead of redone."""
         path = self.runs_dir / f"{variant}-{width}-seed{seed}.json"
-        record = json.loads(path.read_text()) if path.is_file() else None
+        record = self.finished(f"{variant}-{width}-seed{seed}")
         if record is not None and (record["distilled"] is not None or self.args.one_shot_only):
             return record
         start = time.perf_counter()

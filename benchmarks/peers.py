@@ -281,7 +281,7 @@ class PeersBenchmark(DistillationRuns):
 
     def run(self, method: str, size: str, seed: int) -> Dict[str, Any]:
         path = self.runs_dir / f"{method}-{size}-seed{seed}.json"
-        record = json.loads(path.read_text()) if path.is_file() else None
+        record = self.finished(f"{method}-{size}-seed{seed}")
         if record is not None and (record.get("distilled") is not None or record.get("cannot_reach")):
             return record
         start = time.perf_counter()
