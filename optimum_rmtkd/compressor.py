@@ -654,18 +654,18 @@ class _Run:
                     record["parameters"])
 
         reduction = 1 - record["parameters"] / state["parameters_original"]
-        if (config.max_metric_drop is not None
-                and self.task.metric_drop(state["baseline_metric"], metric) > config.max_metric_drop):
+        max_drop = self.task.max_metric_drop(config.max_metric_drop)
+        if max_drop is not None and self.task.metric_drop(state["baseline_metric"], metric) > max_drop:
             record["reverted"] = True
             record["parameters"] = count_parameters(teacher)  # the model going on is the one before the cut
             if config.on_metric_drop == "stop":
                 state["stop_reason"] = (
                     f"validation metric {metric:.4f} is worse than the uncompressed {state['baseline_metric']:.4f} by "
-                    f"more than {config.max_metric_drop}; kept the previous stage"
+                    f"more than {max_drop}; kept the previous stage"
                 )
             else:
                 logger.warning("Stage %d undone: validation metric %.4f is worse than %.4f by more than %s; going on.",
-                               index + 1, metric, state["baseline_metric"], config.max_metric_drop)
+                               index + 1, metric, state["baseline_metric"], max_drop)
             return teacher
         if config.target_reduction is not None and reduction >= config.target_reduction:
             state["stop_reason"] = f"target reduction {config.target_reduction:.0%} reached ({reduction:.1%})"

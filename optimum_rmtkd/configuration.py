@@ -167,10 +167,12 @@ class RMTKDConfig:
             stage every site's σ² is multiplied by one factor, found by bisection so that the predicted parameter
             count of the output meets the target (the spectra decide where to cut), and the stages cut to those
             widths (`optimum_rmtkd.widths.allocate_widths`).
-        max_metric_drop (`float`, *optional*, defaults to 0.015): a stage whose validation metric is worse than the
-            uncompressed model's by more than this, in the metric's units as the task measures a loss
-            (`Task.metric_drop`: points of accuracy below; for an error, the rise), is undone; `on_metric_drop` says
-            what follows. `None` switches the rule off.
+        max_metric_drop (`float` or `"auto"`, *optional*, defaults to `"auto"`): a stage whose validation metric is
+            worse than the uncompressed model's by more than this, in the metric's units as the task measures a loss
+            (`Task.metric_drop`: points of accuracy below; for perplexity, the relative rise), is undone;
+            `on_metric_drop` says what follows. `"auto"` takes the task's `default_max_metric_drop` (0.015 of
+            accuracy for classification; 0.1, a 10% perplexity rise, for text generation, whose stages rarely come
+            back within 1.5% after a short distillation). `None` switches the rule off.
         on_metric_drop (`str`, *optional*, defaults to `"skip"`): what a stage that breaks `max_metric_drop`
             does after it is undone: `skip` it and go on with the next stage (one fragile site, e.g. a CNN's first
             stage or a narrow hidden width, does not end the run) or `stop` the run (the paper's rule).
@@ -226,7 +228,7 @@ class RMTKDConfig:
     trigger_metric: Optional[float] = None
     target_reduction: Optional[float] = None
     target_mode: str = "stop"
-    max_metric_drop: Optional[float] = 0.015
+    max_metric_drop: Union[float, str, None] = "auto"
     on_metric_drop: str = "skip"
     max_kept_ratio: float = 0.9
     max_stages: Optional[int] = None
@@ -284,7 +286,11 @@ class RMTKDConfig:
         _check_range("max_kept_ratio", self.max_kept_ratio, 0.0, 1.0, high_open=False)
         if self.target_reduction is not None:
             _check_range("target_reduction", self.target_reduction, 0.0, 1.0)
-        if self.max_metric_drop is not None and self.max_metric_drop < 0:
+        if isinstance(self.max_metric_drop, str) and self.max_metric_drop != "auto":
+            raise ValueError(f"`max_metric_drop` must be a number, 'auto' or None, got {_type_text(self.max_metric_drop)}.")
+        if self.max_metric_drop != "auto":
+            self.max_metric_drop = _check_number("max_metric_drop", self.max_metric_drop, "float", True)
+        if self.max_metric_drop not in (None, "auto") and self.max_metric_drop < 0:
             raise ValueError(f"`max_metric_drop` must be >= 0 or None, got {self.max_metric_drop}.")
         for name in ("sigma2_scale", "temperature", "learning_rate"):
             if getattr(self, name) <= 0:

@@ -24,6 +24,7 @@ from optimum_rmtkd.configuration import _NUMBER_FIELDS, PRESETS
         ({"batch_size": 0}, "`batch_size` must be a positive integer, got 0."),
         ({"target_reduction": 1.0}, r"`target_reduction` must be in \(0.0, 1.0\), got 1.0."),
         ({"max_metric_drop": -0.1}, "`max_metric_drop` must be >= 0 or None, got -0.1."),
+        ({"max_metric_drop": "off"}, "`max_metric_drop` must be a number, 'auto' or None, got str 'off'."),
         ({"max_stages": 0}, "`max_stages` must be a positive integer or None, got 0."),
         ({"histogram_bins": 1}, "`histogram_bins` must be at least 2, got 1."),
         ({"on_metric_drop": "retry"}, "`on_metric_drop` must be one of 'stop', 'skip', got 'retry'."),
@@ -75,7 +76,7 @@ def test_every_field_is_checked():
     # A new field must be a number (checked from its annotation), or one of the fields checked by name.
     checked_by_name = {"estimator", "sample_unit", "sites", "head_reduction", "output_format", "mixed_precision",
                        "on_metric_drop", "centered", "layerwise_calibration", "channel_selection", "hidden_cut",
-                       "target_mode"}
+                       "target_mode", "max_metric_drop"}
     assert {field.name for field in dataclasses.fields(RMTKDConfig)} == set(_NUMBER_FIELDS) | checked_by_name
 
 

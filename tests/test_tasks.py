@@ -213,3 +213,13 @@ def test_the_stop_rule_reads_the_metric_direction():
     higher = get_task("text-classification")
     assert higher.metric_drop(baseline=0.8, value=0.7) == pytest.approx(0.1)
     assert higher.reached(0.9, 0.8) and not higher.reached(0.7, 0.8)
+
+
+def test_auto_max_metric_drop_is_the_tasks_own():
+    # 0.015 means 1.5 points of accuracy, but a 1.5% perplexity rise, which undoes almost every decoder stage.
+    assert RMTKDConfig().max_metric_drop == "auto"
+    assert get_task("text-classification").max_metric_drop("auto") == 0.015
+    assert get_task("text-generation").max_metric_drop("auto") == 0.1
+    assert get_task("text-generation").max_metric_drop(0.3) == 0.3
+    assert get_task("text-generation").max_metric_drop(None) is None
+    assert RMTKDConfig.from_dict(json.loads(json.dumps(RMTKDConfig().to_dict()))).max_metric_drop == "auto"

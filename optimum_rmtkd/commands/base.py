@@ -379,8 +379,8 @@ def task_choices() -> List[str]:
 # RMTKDConfig fields as flags
 # --------------------------------------------------------------------------------------------------------------------
 def _optional_float(text: str) -> Any:
-    """A float, or `none` to switch a rule off (kept as the string until the config is built)."""
-    return "none" if text.lower() == "none" else float(text)
+    """A float, `none` to switch a rule off (kept as the string until the config is built), or `auto`."""
+    return text.lower() if text.lower() in ("none", "auto") else float(text)
 
 
 @dataclass(frozen=True)
@@ -449,8 +449,9 @@ CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
                "one σ² scale for every site found by bisection (the spectra decide where to cut).",
                choices=TARGET_MODES),
     ConfigFlag("max_metric_drop", _optional_float, "A stage whose validation metric is worse than the "
-               "uncompressed model's by more than this (accuracy: falls below by) is undone, then --on-metric-drop "
-               "decides; `none` switches the rule off."),
+               "uncompressed model's by more than this (accuracy: falls below by; perplexity: rises by this share) is "
+               "undone, then --on-metric-drop decides; `auto`: the task's default (0.015 of accuracy, a 10%% "
+               "perplexity rise); `none` switches the rule off."),
     ConfigFlag("on_metric_drop", str, "What a stage that breaks --max-metric-drop does once undone: `skip` it and "
                "go on with the next, or `stop` the run (the paper's rule).", choices=METRIC_DROP_ACTIONS),
     ConfigFlag("max_stages", int, "Stop after this many reductions."),

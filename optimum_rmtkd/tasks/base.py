@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import datasets
 import numpy as np
@@ -57,6 +57,8 @@ class Task(ABC):
         needs_labels: whether training data must have a label column.
         metric_name: the name of the watched metric when no custom metric is given.
         higher_is_better: the metric's direction; the stop rules read it.
+        default_max_metric_drop: what `RMTKDConfig(max_metric_drop="auto")` allows a stage to lose, in
+            `metric_drop`'s units.
         sample_units: the `RMTKDConfig.sample_unit` values calibration may use with this task.
         size_name: what the size of a dummy input is (`sequence_length`, `image_size`).
         is_generative: whether the model generates token by token (exported with a key/value cache, checked by a
@@ -75,6 +77,7 @@ class Task(ABC):
     needs_labels: bool = True
     metric_name: str = "accuracy"
     higher_is_better: bool = True
+    default_max_metric_drop: float = 0.015
     sample_units: Tuple[str, ...] = ("tokens",)
     size_name: str = "sequence_length"
     example_size: int = 16
@@ -168,6 +171,10 @@ class Task(ABC):
         """How much worse `value` is than `baseline`, in the metric's own units (positive = worse); the stop rule
         compares it with `max_metric_drop`."""
         return baseline - value if self.higher_is_better else value - baseline
+
+    def max_metric_drop(self, configured: Union[float, str, None]) -> Optional[float]:
+        """The stop rule's limit for `RMTKDConfig.max_metric_drop`: `"auto"` is this task's default."""
+        return self.default_max_metric_drop if configured == "auto" else configured
 
     def reached(self, value: float, threshold: float) -> bool:
         """Whether `value` is at least as good as `threshold` (the fine-tuning trigger)."""
