@@ -39,6 +39,16 @@ PROMPTS = ("The capital of France is", "It is a truth universally acknowledged t
            "The best way to learn a new language is")
 
 
+def ensure_original(original_dir: Path) -> Path:
+    """The GGUF weights dequantized to float32 and saved once as a plain model folder (reading the GGUF file takes
+    about a minute; every later load is a `from_pretrained` of this folder)."""
+    if not (original_dir / "config.json").is_file():
+        compressor = RMTKDCompressor.from_pretrained(smollm2_gguf())
+        compressor.model.save_pretrained(original_dir)
+        compressor.preprocessor.save_pretrained(original_dir)
+    return original_dir
+
+
 def splits(args) -> Dict[str, datasets.Dataset]:
     """Training paragraphs (capped), the validation book's and the test book's first paragraphs (capped)."""
     prose = load_english_prose(held_out=(VALIDATION_BOOK, TEST_BOOK))
@@ -102,11 +112,7 @@ def main(argv=None) -> None:
 
     timings: Dict[str, float] = {}
     start = time.perf_counter()
-    original_dir = args.work_dir / "original"
-    if not (original_dir / "config.json").is_file():
-        compressor = RMTKDCompressor.from_pretrained(smollm2_gguf(), seed=args.seed)  # dequantized to float32
-        compressor.model.save_pretrained(original_dir)
-        compressor.preprocessor.save_pretrained(original_dir)
+    original_dir = ensure_original(args.work_dir / "original")
     compressor = RMTKDCompressor.from_pretrained(original_dir, seed=args.seed)
     timings["load_s"] = time.perf_counter() - start
     tokenizer, original = compressor.preprocessor, compressor.model

@@ -110,29 +110,9 @@ class PeersBenchmark(DistillationRuns):
     # ---- the methods ---------------------------------------------------------------------------------------------
 
     def prune_rmtkd(self, reduction: float, seed: int, uniform: bool = False) -> Pruned:
-        """The size-target mode's cut. `uniform` takes the hidden width of the uniform cut instead (the same share
-        of every site, `Allocation.uniform_widths`) and widens the FFN back to the size, so that both cut to the
-        same count and differ only in where the spectra put it; channel selection and refits are the same."""
-        model = self.load_original().eval()
         config = RMTKDConfig(**{**self.base_config.to_dict(), "seed": seed, "target_reduction": reduction})
-        adapter = get_adapter(model)
-        groups = adapter.stages(model, config)
-        loader = self.calibration_loader(seed)
-        sites = [site for group in groups for site in group]
-        stats = collect_statistics(model, loader, adapter.required_captures(sites))
-        allocation = allocate_widths(adapter, model, stats, config, reduction)
-        widths = _uniform_filled(adapter, model, sites, stats, config, allocation) if uniform else allocation.widths
-        cut_yet = False
-        for group in groups:  # the compressor's stages, each on fresh statistics of the model cut so far
-            names = {site.name for site in group}
-            current = [s for s in adapter.sites(model) if s.name in names and widths[s.name] < s.dim]
-            if current:
-                if cut_yet:  # before the first cut the allocation's statistics are the model's own
-                    stats = collect_statistics(model, loader, adapter.required_captures(current))
-                model = adapter.reduce(model, current, {s.name: widths[s.name] for s in current}, stats, config)
-                cut_yet = True
-        model = as_output_format(model, config.output_format)
-        return Pruned(model, {"scale": allocation.scale, "widths": widths, "uniform_share": allocation.uniform_share},
+        model, details = rmtkd_cut(self.load_original().eval(), self.calibration_loader(seed), config, uniform)
+        return Pruned(model, details,
                       save=lambda folder: save_compressed_model(model, self.tokenizer, folder, config.output_format))
 
     def _torch_pruning(self, heads: int, ffn: int, importance: str, seed: int):
@@ -314,6 +294,32 @@ class PeersBenchmark(DistillationRuns):
             hook.remove()
         atomic_write_json(path, record)
         return record
+
+
+def rmtkd_cut(model, loader, config: RMTKDConfig, uniform: bool = False):
+    """The size-target mode's cut of `model` to `config.target_reduction`, without training: one calibration pass,
+    the allocation, then the compressor's stages in order, each on fresh statistics of the model cut so far.
+    `uniform` takes the hidden width of the uniform cut instead (the same share of every site,
+    `Allocation.uniform_widths`) and widens the FFN back to the size, so that both cut to the same count and differ
+    only in where the spectra put it; channel selection and refits are the same. Returns the model and what was
+    decided."""
+    adapter = get_adapter(model)
+    groups = adapter.stages(model, config)
+    sites = [site for group in groups for site in group]
+    stats = collect_statistics(model, loader, adapter.required_captures(sites))
+    allocation = allocate_widths(adapter, model, stats, config, config.target_reduction)
+    widths = _uniform_filled(adapter, model, sites, stats, config, allocation) if uniform else allocation.widths
+    cut_yet = False
+    for group in groups:
+        names = {site.name for site in group}
+        current = [s for s in adapter.sites(model) if s.name in names and widths[s.name] < s.dim]
+        if current:
+            if cut_yet:  # before the first cut the allocation's statistics are the model's own
+                stats = collect_statistics(model, loader, adapter.required_captures(current))
+            model = adapter.reduce(model, current, {s.name: widths[s.name] for s in current}, stats, config)
+            cut_yet = True
+    model = as_output_format(model, config.output_format)
+    return model, {"scale": allocation.scale, "widths": widths, "uniform_share": allocation.uniform_share}
 
 
 class _CannotReach(Exception):
