@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from benchmarks.distillation_runs import DistillationRuns, add_budget_arguments, percent, points, speedup_text
+from benchmarks.results_io import write_results
 from optimum_rmtkd import RMTKDConfig
 from optimum_rmtkd.adapters import get_adapter
 from optimum_rmtkd.calibration import collect_statistics
 from optimum_rmtkd.modeling.per_layer import as_output_format
 from optimum_rmtkd.saving import save_compressed_model
-from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text
+from optimum_rmtkd.utils.io import atomic_write_json
 
 #: Variant name → the `RMTKDConfig` fields that select it.
 VARIANTS: Dict[str, Dict[str, Any]] = {
@@ -172,9 +173,7 @@ def main(argv=None) -> Dict[str, Any]:
             for variant in args.variants:
                 speeds[f"{variant}-{args.widths[0]}"] = bench.speed_of(variant, args.widths[0], hidden, stats)
         summary = summarise(args, original, runs, controls, speeds)
-        atomic_write_json(args.output_dir / "results.json", summary)
-        atomic_write_text(args.output_dir / "results.md", render(summary))
-    print(render(summary))
+        print(write_results(args.output_dir, summary, render))
     return summary
 
 

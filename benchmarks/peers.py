@@ -40,12 +40,13 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from benchmarks.distillation_runs import DistillationRuns, add_budget_arguments, percent, points, speedup_text
+from benchmarks.results_io import write_results
 from optimum_rmtkd import RMTKDConfig
 from optimum_rmtkd.adapters import get_adapter
 from optimum_rmtkd.calibration import collect_statistics
 from optimum_rmtkd.modeling.per_layer import as_output_format
 from optimum_rmtkd.saving import save_compressed_model
-from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text
+from optimum_rmtkd.utils.io import atomic_write_json
 from optimum_rmtkd.widths import allocate_widths
 
 DEFAULT_OUTPUT = Path("benchmarks/results/peers")
@@ -511,9 +512,7 @@ def main(argv=None) -> Dict[str, Any]:
         if control is not None:
             controls.append(control)
         summary = summarise(args, original, runs, controls, speeds, floor)
-        atomic_write_json(args.output_dir / "results.json", summary)
-        atomic_write_text(args.output_dir / "results.md", render(summary))
-    print(render(summary))
+        print(write_results(args.output_dir, summary, render))
     return summary
 
 

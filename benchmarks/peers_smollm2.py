@@ -42,6 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from benchmarks.compress_smollm2 import TASK, TEST_BOOK, VALIDATION_BOOK, ensure_original, non_embedding_parameters
 from benchmarks.compress_smollm2 import splits as prose_splits
 from benchmarks.peers import SIZE_TOLERANCE, rmtkd_cut
+from benchmarks.results_io import write_results
 from optimum_rmtkd import RMTKDConfig
 from optimum_rmtkd.adapters import get_adapter
 from optimum_rmtkd.calibration import collect_statistics
@@ -50,7 +51,7 @@ from optimum_rmtkd.distillation import train
 from optimum_rmtkd.projection import set_submodule, slice_linear_inputs, slice_linear_outputs
 from optimum_rmtkd.saving import save_compressed_model
 from optimum_rmtkd.tasks.base import Columns
-from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text
+from optimum_rmtkd.utils.io import atomic_write_json
 
 DEFAULT_OUTPUT = Path("benchmarks/results/peers/smollm2")
 REDUCTION = 0.25
@@ -422,16 +423,13 @@ def main(argv=None) -> Dict[str, Any]:
             if record is not None:
                 runs.append(record)
             summary = summarise(args, original, runs, controls, target)
-            atomic_write_json(args.output_dir / "results.json", summary)
-            atomic_write_text(args.output_dir / "results.md", render(summary))
+            write_results(args.output_dir, summary, render)
         if not args.no_control:
             control = bench.finished(f"control-seed{seed}") if args.table_only else bench.control(seed)
             if control is not None:
                 controls.append(control)
     summary = summarise(args, original, runs, controls, target)
-    atomic_write_json(args.output_dir / "results.json", summary)
-    atomic_write_text(args.output_dir / "results.md", render(summary))
-    print(render(summary))
+    print(write_results(args.output_dir, summary, render))
     return summary
 
 

@@ -1,0 +1,17 @@
+"""Where every benchmark's tables go: `results.json` (the numbers) and `results.md` (the table), both written
+atomically, so that a table read while a long benchmark runs is always a complete one."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text
+
+
+def write_results(output_dir: Path, summary: Dict[str, Any], render: Callable[[Dict[str, Any]], str]) -> str:
+    """Write `summary` and its Markdown rendering into `output_dir`; returns the Markdown."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    text = render(summary)
+    atomic_write_json(output_dir / "results.json", summary)
+    atomic_write_text(output_dir / "results.md", text)
+    return text
