@@ -287,7 +287,8 @@ class RMTKDConfig:
         if self.target_reduction is not None:
             _check_range("target_reduction", self.target_reduction, 0.0, 1.0)
         if isinstance(self.max_metric_drop, str) and self.max_metric_drop != "auto":
-            raise ValueError(f"`max_metric_drop` must be a number, 'auto' or None, got {_type_text(self.max_metric_drop)}.")
+            raise ValueError(
+                f"`max_metric_drop` must be a number, 'auto' or None, got {_type_text(self.max_metric_drop)}.")
         if self.max_metric_drop != "auto":
             self.max_metric_drop = _check_number("max_metric_drop", self.max_metric_drop, "float", True)
         if self.max_metric_drop not in (None, "auto") and self.max_metric_drop < 0:
