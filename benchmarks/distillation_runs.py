@@ -4,7 +4,6 @@ speed of a saved model against the original. Every record is written as it finis
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -16,6 +15,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from benchmarks.assets import load_rotten_tomatoes, minilm_path
 from benchmarks.compress_rotten_tomatoes import TASK, ensure_original, loaders
 from benchmarks.quality import mean_std
+from benchmarks.results_io import finished_run
 from optimum_rmtkd import RMTKDConfig
 from optimum_rmtkd.benchmark import benchmark_models
 from optimum_rmtkd.data import calibration_subset
@@ -77,8 +77,7 @@ class DistillationRuns:
 
     def finished(self, name: str) -> Optional[Dict[str, Any]]:
         """The record `runs/<name>.json` of a finished run, `None` when there is none."""
-        path = self.runs_dir / f"{name}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return finished_run(self.runs_dir, name)
 
     def load_original(self):
         return AutoModelForSequenceClassification.from_pretrained(self.original_dir)

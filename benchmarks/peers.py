@@ -186,7 +186,7 @@ class PeersBenchmark(DistillationRuns):
         model = self._torch_pruning(choice["heads"], choice["ffn"], importance, seed)
         details = {"heads": choice["heads"], "hidden": choice["hidden"], "ffn": choice["ffn"],
                    "candidates": choice["candidates"]}
-        return Pruned(model, details, save=lambda folder: _save_with_tokenizer(model, self.tokenizer, folder))
+        return Pruned(model, details, save=lambda folder: save_with_tokenizer(model, self.tokenizer, folder))
 
     def prune_textpruner(self, reduction: float, seed: int) -> Pruned:
         from textpruner import (GeneralConfig, TransformerPruner, TransformerPruningConfig, VocabularyPruner,
@@ -353,7 +353,7 @@ def _size_name(reduction: float) -> str:
     return next(name for name, value in SIZES.items() if value == reduction)
 
 
-def _save_with_tokenizer(model, tokenizer, folder: Path) -> None:
+def save_with_tokenizer(model, tokenizer, folder: Path) -> None:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 

@@ -26,7 +26,6 @@ every figure. Results per run in `runs/` (a stopped benchmark resumes), tables i
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import statistics
@@ -41,8 +40,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.compress_smollm2 import TASK, TEST_BOOK, VALIDATION_BOOK, ensure_original, non_embedding_parameters
 from benchmarks.compress_smollm2 import splits as prose_splits
-from benchmarks.peers import SIZE_TOLERANCE, rmtkd_cut
-from benchmarks.results_io import write_results
+from benchmarks.peers import SIZE_TOLERANCE, rmtkd_cut, save_with_tokenizer
+from benchmarks.quality import mean_std
+from benchmarks.results_io import finished_run, write_results
 from optimum_rmtkd import RMTKDConfig
 from optimum_rmtkd.adapters import get_adapter
 from optimum_rmtkd.calibration import collect_statistics
@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--no-control", action="store_true", help="skip the self-distilled control")
-    parser.add_argument("--distillation-steps", type=int, default=40)
+    parser.add_argument("--distillation-steps", type=int, default=30)
     parser.add_argument("--block-size", type=int, default=256, help="tokens per block (perplexity depends on it)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=2e-5)
@@ -101,8 +101,10 @@ class DecoderPeers:
             sites=("ffn", "heads"), max_length=args.block_size, batch_size=args.batch_size,
             learning_rate=args.learning_rate, max_distillation_steps=args.distillation_steps,
             max_calibration_examples=args.calibration_blocks, seed=0)
-        model_config = self.load_original().config
-        prepared = TASK.prepare(prose_splits(args), self.tokenizer, model_config, Columns(), args.block_size).splits
+        original = self.load_original()
+        #: The parameter count every method must meet (± `SIZE_TOLERANCE`).
+        self.target = int(original.num_parameters() * (1.0 - REDUCTION))
+        prepared = TASK.prepare(prose_splits(args), self.tokenizer, original.config, Columns(), args.block_size).splits
         self.blocks = {name: split.with_format("torch") for name, split in prepared.items()}
         self.accelerator = Accelerator(cpu=True)
 
@@ -110,8 +112,7 @@ class DecoderPeers:
         return AutoModelForCausalLM.from_pretrained(self.original_dir)
 
     def finished(self, name: str) -> Optional[Dict[str, Any]]:
-        path = self.runs_dir / f"{name}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return finished_run(self.runs_dir, name)
 
     def loader(self, split: str, seed: Optional[int] = None) -> DataLoader:
         generator = None if seed is None else torch.Generator().manual_seed(seed)
@@ -133,9 +134,6 @@ class DecoderPeers:
         torch.manual_seed(seed)
         return train(model, loader, self.accelerator, config, TASK, teacher=self.load_original().eval(),
                      epochs=math.ceil(steps / len(loader)) + 1, description=description)
-
-    def target(self) -> int:
-        return int(self.load_original().num_parameters() * (1.0 - REDUCTION))
 
     # ---- the methods ---------------------------------------------------------------------------------------------
 
@@ -170,20 +168,20 @@ class DecoderPeers:
         """The FFN width, the same in every layer, whose count is closest to the target."""
         layers = model.config.num_hidden_layers
         per_channel = layers * 3 * model.config.hidden_size
-        excess = model.num_parameters() - self.target()
+        excess = model.num_parameters() - self.target
         return model.config.intermediate_size - round(excess / per_channel)
 
     def _hidden_width(self, adapter, model, site, config: RMTKDConfig) -> int:
         """The hidden width (a multiple of the head count, which Llama's config checks) closest to the target."""
         heads = model.config.num_attention_heads
-        target = self.target()
+        target = self.target
         widths = range(heads, site.dim, heads)
         return min(widths, key=lambda k: abs(
             adapter.parameters_after_cut(model, [site], {site.name: k}, None, config) - target))
 
     def _torch_pruning(self):
         """Torch-Pruning's LLM recipe at the ratio (bisected) whose count meets the target."""
-        target = self.target()
+        target = self.target
         choice = self.finished("torch-pruning-choice")
         if choice is None:
             low, high, tried = 0.0, 0.5, []
@@ -199,11 +197,7 @@ class DecoderPeers:
             atomic_write_json(self.runs_dir / "torch-pruning-choice.json", choice)
         model = _torch_prune_llm(self.load_original().eval(), self.tokenizer, choice["ratio"])
         details = {"ratio": choice["ratio"], "widths": _width_summary(model)}
-
-        def save(folder: Path) -> None:
-            model.save_pretrained(folder)
-            self.tokenizer.save_pretrained(folder)
-        return model, details, save
+        return model, details, lambda folder: save_with_tokenizer(model, self.tokenizer, folder)
 
     # ---- running them ----------------------------------------------------------------------------------------
 
@@ -333,11 +327,11 @@ def _torch_prune_llm(model, tokenizer, ratio: float):
 
 
 def _mean_std(values: List[float]) -> str:
+    """`mean ± std` of perplexities over seeds (the mean alone for one seed)."""
     if not values:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    mean, std = mean_std(values)
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
 def summarise(args, original: Dict[str, Any], runs: List[Dict[str, Any]], controls: List[Dict[str, Any]],
@@ -415,7 +409,7 @@ def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
     bench = DecoderPeers(args)
     original = bench.original_record()
-    target = bench.target()
+    target = bench.target
     runs, controls = [], []
     for seed in args.seeds:
         for method in args.methods:
