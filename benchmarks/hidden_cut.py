@@ -8,7 +8,9 @@ the same fine-tuned original, with the same calibration statistics per seed:
 - `coordinates-qr`: keep k residual coordinates by pivoted QR on the kept eigenvectors (stock format);
 - `coordinates-variance`: keep the k coordinates of largest second moment (stock format);
 - `rotation`: rotate every segment of the stream onto its leading k directions and fold the LayerNorms exactly
-  (registered per-layer format, two k×k matrices per LayerNorm).
+  (registered per-layer format, two k×k matrices per LayerNorm);
+- `coordinates-variance-shrink`, `rotation-shrink` (not run by default): the same cuts with
+  `head_reduction="shrink"`, every head kept and narrowed to `k / heads` (192 → 12 heads of 16).
 
 All readers of the stream (Q/K/V, FFN input, pooler) are refitted by least squares on their calibration second
 moment in every variant. Each is scored one-shot and after the same self-distillation budget from the original, for
@@ -37,7 +39,12 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "coordinates-qr": {"hidden_cut": "coordinates", "channel_selection": "qr"},
     "coordinates-variance": {"hidden_cut": "coordinates", "channel_selection": "variance"},
     "rotation": {"hidden_cut": "rotation", "output_format": "per-layer"},
+    "coordinates-variance-shrink": {"hidden_cut": "coordinates", "channel_selection": "variance",
+                                    "head_reduction": "shrink"},
+    "rotation-shrink": {"hidden_cut": "rotation", "output_format": "per-layer", "head_reduction": "shrink"},
 }
+#: The variants run by default: heads pruned whole (the library's default); `-shrink` keeps all 12 heads, narrower.
+DEFAULT_VARIANTS = ("coordinates-qr", "coordinates-variance", "rotation")
 DEFAULT_OUTPUT = Path("benchmarks/results/hidden_cut")
 
 
@@ -45,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--widths", type=int, nargs="+", default=[192, 128])
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(DEFAULT_VARIANTS))
     parser.add_argument("--one-shot-only", action="store_true",
                         help="cut and score every variant, no distillation and no control (minutes, not hours)")
     add_budget_arguments(parser, distillation_steps=60)
@@ -134,7 +141,8 @@ def render(summary: Dict[str, Any]) -> str:
         f"{original['validation']:.2%} (fine-tuned 1 epoch). Budget: calibration {budget['calibration_examples']} "
         f"training sentences, self-distillation {budget['distillation_steps']} steps × {budget['batch_size']} "
         f"sentences of {budget['max_length']} tokens from the original, seeds {budget['seeds']} (mean ± std over "
-        "seeds). Heads pruned whole (the default); every reader of the stream refitted by least squares.",
+        "seeds). Heads pruned whole (the default), or every head kept and narrowed in the `-shrink` variants; every "
+        "reader of the stream refitted by least squares.",
         "",
     ]
     if summary["control_test"]:

@@ -9,6 +9,7 @@ same teacher (the original) with the library's loop, beside the self-distilled c
 
 - `rmtkd`: the size-target mode on the FFN and attention-head sites (one global scale of every site's σ², the
   stages cut in order with fresh calibration statistics, stock format), no training in between;
+- `rmtkd-ffn`: the same on the FFN sites alone (`sites=("ffn",)`): every head and key/value group kept;
 - `uniform-magnitude`: every FFN cut to the same width with the data-free weight-magnitude channels (‖gate row‖ ·
   ‖up row‖ · ‖down column‖), nothing refitted: the uniform magnitude cut RMT-KD's widths and channels must beat;
 - `slicegpt-rule`: the hidden width alone, through the library's exact global rotation (SliceGPT's rule: one
@@ -55,8 +56,10 @@ from optimum_rmtkd.utils.io import atomic_write_json
 
 DEFAULT_OUTPUT = Path("benchmarks/results/peers/smollm2")
 REDUCTION = 0.25
-METHODS = ("rmtkd", "uniform-magnitude", "slicegpt-rule", "torch-pruning")
-DEFAULT_METHODS = METHODS[:3]
+METHODS = ("rmtkd", "rmtkd-ffn", "uniform-magnitude", "slicegpt-rule", "torch-pruning")
+DEFAULT_METHODS = METHODS[:4]
+#: The sites each RMT-KD arm cuts.
+RMTKD_SITES = {"rmtkd": ("ffn", "heads"), "rmtkd-ffn": ("ffn",)}
 #: Why `torch-pruning` is not in the default run (measured here; `--methods torch-pruning` runs it anyway).
 TORCH_PRUNING_NOT_RUN = (
     "Torch-Pruning 1.6.1's LLM recipe does not finish building its dependency groups on transformers 5.24's "
@@ -143,7 +146,8 @@ class DecoderPeers:
                                 "target_mode": "allocate"})
         stock_save = lambda model: lambda folder: save_compressed_model(  # noqa: E731
             model, self.tokenizer, folder, "stock")
-        if method == "rmtkd":
+        if method in RMTKD_SITES:
+            config = RMTKDConfig(**{**config.to_dict(), "sites": RMTKD_SITES[method]})
             model, details = rmtkd_cut(self.load_original().eval(), self.calibration_loader(seed), config)
             details["widths"] = _width_summary(model)
             return model, details, stock_save(model)
