@@ -15,9 +15,9 @@ The heads site also sets `num_key_value_heads`. The hidden site (the residual st
 `input_layernorm`, `post_attention_layernorm` and the final `norm`, whose outputs are where its readers read
 (`Site.reader_inputs`).
 
-- `ffn`: SiLU(gate) · up is not linear, so the cut keeps channels (pivoted QR on the kept eigenvectors of the
-  `down_proj` input) and refits `down_proj` by least squares on that input's second moment: a pure table walk
-  (`Adapter.cut_site`), as for an encoder's FFN.
+- `ffn`: SiLU(gate) · up is not linear, so the cut keeps channels of the `down_proj` input
+  (`RMTKDConfig.channel_selection`) and refits `down_proj` by least squares on that input's second moment: a pure
+  table walk (`Adapter.cut_site`), as for an encoder's FFN.
 - `heads`: the width is the attention output (the `o_proj` input, heads × `head_dim`), and it loses whole heads, so
   `head_dim` and the rotary embedding stay. Grouped-query attention shares one key/value head among the query heads
   of its group, so q, k and v cannot lose the same indices: a cut keeps g' whole groups and the same number r' of
