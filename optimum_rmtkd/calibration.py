@@ -8,11 +8,14 @@ Layer by layer (`layerwise=`), for models larger than memory: the calibration se
 once, its inputs kept, then every layer runs over all of them before the next one starts, so each layer's weights
 are needed once. With the weights offloaded through Accelerate (`device_map`/`offload_folder`, whose hooks load a
 module's weights for its forward and release them after), peak memory is about one layer plus the kept
-activations, not the model; the sums are the whole-model pass's, to round-off.
+activations, not the model; the sums are the whole-model pass's, to round-off. The sums of a finished layer are
+all-reduced and written to disk (`SecondMomentAccumulator.offload`) before the next layer starts: one float64 d × d
+sum per site adds up to more than the weights on wide FFNs (a 7B Llama's FFN site alone is ~1 GB).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+import os
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Union
 
 import torch
 from torch import nn
@@ -20,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .adapters.base import CapturePoint, LayerwiseLayout
 from .covariance import SecondMomentAccumulator, reduce_accumulators
+from .utils.memory import release_free_heap
 from .utils.progress import progress_bars_enabled
 
 
@@ -119,20 +123,42 @@ def _first_layer_inputs(model: nn.Module, layout: LayerwiseLayout, batches, devi
     return kept
 
 
-def _run_layer_by_layer(model: nn.Module, layout: LayerwiseLayout, kept: List[list],
-                        collector: ActivationCollector, disable: bool) -> None:
-    """Each layer, then each tail module, over every kept input, its outputs becoming the next one's inputs."""
+def _keys_inside(points: Sequence[CapturePoint], prefix: str) -> List[str]:
+    """The capture keys of the points on `prefix` or a module below it."""
+    return [p.key for p in points if p.module == prefix or p.module.startswith(prefix + ".")]
+
+
+def _check_seen(collector: ActivationCollector, keys: Sequence[str]) -> None:
+    missing = [key for key in keys if key not in collector.accumulators]
+    if missing:
+        raise ValueError(f"Calibration saw no activations at {', '.join(missing)}; is the calibration set empty?")
+
+
+def _run_layer_by_layer(model: nn.Module, layout: LayerwiseLayout, kept: List[list], collector: ActivationCollector,
+                        accelerator, offload_folder, disable: bool) -> Set[str]:
+    """Each layer, then each tail module, over every kept input, its outputs becoming the next one's inputs; each
+    layer's sums are all-reduced and offloaded as soon as it is done. Returns the keys already reduced."""
     layers = list(model.get_submodule(layout.layers))
-    for layer in tqdm(layers, desc="Calibrating layer by layer", disable=disable, leave=False):
+    reduced: Set[str] = set()
+    for index, layer in enumerate(tqdm(layers, desc="Calibrating layer by layer", disable=disable, leave=False)):
         for entry in kept:
             hidden, rest, kwargs, collector.mask = entry
             output = layer(hidden, *rest, **kwargs)
             entry[0] = output[0] if isinstance(output, (tuple, list)) else output
+        keys = _keys_inside(collector.points, f"{layout.layers}.{index}")
+        _check_seen(collector, keys)
+        finished = {key: collector.accumulators[key] for key in keys}
+        reduce_accumulators(finished, accelerator)
+        for accumulator in finished.values():
+            accumulator.offload(offload_folder)
+        reduced.update(keys)
+        release_free_heap()  # this layer's weights, outputs and sums are dead: keep the footprint at one layer
     for path in layout.tail:
         module = model.get_submodule(path)
         for entry in kept:
             collector.mask = entry[3]
             entry[0] = module(entry[0])
+    return reduced
 
 
 @torch.no_grad()
@@ -146,18 +172,21 @@ def collect_statistics(
     device: Optional[torch.device] = None,
     forward_kwargs: Optional[Dict[str, Any]] = None,
     layerwise: Optional[LayerwiseLayout] = None,
+    offload_folder: Union[str, os.PathLike, None] = None,
 ) -> Dict[str, SecondMomentAccumulator]:
     """Run `model` over `batches` (this process's shard) and return the reduced accumulators by capture key.
 
     `forward_kwargs` go to every forward pass beside the inputs (the task's, e.g. no key/value cache). With
     `layerwise`, the pass runs one layer at a time over the whole set (see the module docstring); capture points
-    after the layers must be in `layerwise.tail`.
+    after the layers must be in `layerwise.tail`, and the sums of the points inside the layers come back offloaded
+    to `offload_folder` (the system's temporary folder by default).
     """
     was_training = model.training
     model.eval()
     device = device or _input_device(model)
     collector = ActivationCollector(model, points, sample_unit)
     disable = not progress_bars_enabled(accelerator)
+    reduced: Set[str] = set()
     try:
         with collector:
             if layerwise is None:
@@ -168,13 +197,12 @@ def collect_statistics(
             else:
                 kept = _first_layer_inputs(model, layerwise, batches, device, collector, forward_kwargs or {},
                                            disable)
-                _run_layer_by_layer(model, layerwise, kept, collector, disable)
+                reduced = _run_layer_by_layer(model, layerwise, kept, collector, accelerator, offload_folder,
+                                              disable)
     finally:
         model.train(was_training)
-    missing = [p.key for p in points if p.key not in collector.accumulators]
-    if missing:
-        raise ValueError(f"Calibration saw no activations at {', '.join(missing)}; is the calibration set empty?")
-    reduce_accumulators(collector.accumulators, accelerator)
+    _check_seen(collector, [p.key for p in points])
+    reduce_accumulators({k: v for k, v in collector.accumulators.items() if k not in reduced}, accelerator)
     return collector.accumulators
 
 

@@ -558,6 +558,7 @@ class _Run:
             model, self.calibration_loader, self.adapter.required_captures(sites), sample_unit=self.config.sample_unit,
             accelerator=self.accelerator, forward_kwargs=self.task.forward_kwargs(),
             layerwise=layerwise_layout(self.adapter, model, self.config),
+            offload_folder=self.checkpoints / "statistics",  # the output's disk, not a RAM-backed /tmp
         ))
         if state is not None:
             state["calibration_peak_rss_mb"] = max(state["calibration_peak_rss_mb"], peak / 2**20)

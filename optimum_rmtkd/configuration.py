@@ -118,7 +118,9 @@ class RMTKDConfig:
             whole calibration set (the first layer's inputs are kept, then each layer runs once over all of them),
             so that a model loaded with offloaded weights (`device_map="auto"`, `offload_folder=...`) needs about
             one layer in memory, not the whole model; the statistics equal the whole-model pass's to round-off.
-            Needs an adapter with `layerwise_layout` (the decoders).
+            Each finished layer's float64 sums go to disk (`<save_directory>.checkpoints/statistics` for `compress`,
+            the temporary folder, `$TMPDIR`, for `analyze`) and are read back one site at a time. Needs an adapter
+            with `layerwise_layout` (the decoders).
         sites (`tuple[str]`, *optional*, defaults to `("ffn", "hidden")`): kinds of site to reduce, in the order
             the stages run (the paper cuts `hidden` first). `heads` is a decoder's attention heads (whole key/value
             groups or query heads per group), `channels` the CNN site kind.

@@ -109,3 +109,45 @@ def test_samples_per_view_is_the_largest_single_count():
         view.update(torch.randn(count, 3, dtype=torch.float64))
     assert merged(views).n_samples == 21
     assert samples_per_view(views) == 9
+
+
+def test_an_offloaded_accumulator_reads_its_sums_back_from_disk(tmp_path):
+    x = _data(5)
+    acc = SecondMomentAccumulator(7)
+    acc.update(x[:120])
+    in_memory = (acc.second_moment().clone(), acc.eigh(centered=True).eigenvalues.clone(), acc.mean().clone())
+    acc.offload(tmp_path / "statistics")
+    files = list((tmp_path / "statistics").iterdir())
+    assert acc.is_offloaded and len(files) == 1 and files[0].suffix == ".safetensors"
+    assert acc._sums is None  # nothing kept in memory between reads
+    torch.testing.assert_close(acc.second_moment(), in_memory[0], rtol=0, atol=0)
+    torch.testing.assert_close(acc.eigh(centered=True).eigenvalues, in_memory[1], rtol=0, atol=0)
+    torch.testing.assert_close(acc.mean(), in_memory[2], rtol=0, atol=0)
+    assert acc.is_offloaded  # reading does not load it back for good
+    pooled = merged([acc, acc])
+    assert pooled.n_samples == 240 and not pooled.is_offloaded
+    torch.testing.assert_close(pooled.second_moment(), in_memory[0])
+
+
+def test_an_update_after_offload_is_not_lost(tmp_path):
+    x = _data(6)
+    whole, acc = SecondMomentAccumulator(7), SecondMomentAccumulator(7)
+    whole.update(x)
+    acc.update(x[:50])
+    acc.offload(tmp_path)
+    acc.update(x[50:])
+    assert not acc.is_offloaded and acc.n_samples == 200
+    torch.testing.assert_close(acc.sum_outer, whole.sum_outer, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(acc.sum, whole.sum, rtol=1e-12, atol=1e-12)
+
+
+def test_the_offload_file_is_deleted_with_its_accumulator(tmp_path):
+    import gc
+
+    acc = SecondMomentAccumulator(7)
+    acc.update(_data(7))
+    acc.offload(tmp_path)
+    assert len(list(tmp_path.iterdir())) == 1
+    del acc
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []

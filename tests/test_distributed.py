@@ -16,9 +16,9 @@ from conftest import make_text_dataset
 HERE = Path(__file__).resolve().parent
 
 
-def _run(model_dir, data_file, output, nproc):
+def _run(model_dir, data_file, output, nproc, mode="whole"):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(HERE / "distributed_calibration.py"), str(model_dir), str(data_file), str(output)]
+               str(HERE / "distributed_calibration.py"), str(model_dir), str(data_file), str(output), mode]
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -26,17 +26,19 @@ def _run(model_dir, data_file, output, nproc):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+@pytest.mark.parametrize("kind", ["encoder", "decoder", "decoder-layerwise"])
 def test_two_process_calibration_equals_single_process(kind, bert_dir, tmp_path):
     # An odd number of rows (37 texts; 13 packed blocks of 16 tokens for the decoder): even_batches-style padding
-    # would have counted one twice.
+    # would have counted one twice. `decoder-layerwise`: two processes one layer at a time (each layer's sums
+    # all-reduced before the next layer) against one process over the whole model.
     if kind == "encoder":
         model_dir, data = bert_dir, make_text_dataset(37, seed=3)
     else:
         model_dir, data = save_tiny_decoder(tmp_path / "decoder"), counting_texts(37, seed=3)
     data.to_csv(tmp_path / "data.csv")
     single = _run(model_dir, tmp_path / "data.csv", tmp_path / "single.pt", 1)
-    double = _run(model_dir, tmp_path / "data.csv", tmp_path / "double.pt", 2)
+    double = _run(model_dir, tmp_path / "data.csv", tmp_path / "double.pt", 2,
+                  "layerwise" if kind.endswith("layerwise") else "whole")
     # accelerate launch can silently start two worlds of one (DESIGN §7): check the world really had two processes.
     assert double["num_processes"] == 2 and single["num_processes"] == 1
     assert single["rows"] % 2 == 1

@@ -37,11 +37,17 @@ def test_layer_by_layer_equals_the_whole_model_pass(tmp_path, family, tied):
     layout = layerwise_layout(adapter, model, RMTKDConfig(layerwise_calibration=True))
     assert layout.layers == "model.layers" and layout.tail == ("model.norm",)
     layered = collect_statistics(model, _batches(model.config.vocab_size), points,
-                                 forward_kwargs={"use_cache": False}, layerwise=layout)
+                                 forward_kwargs={"use_cache": False}, layerwise=layout,
+                                 offload_folder=tmp_path / "statistics")
     assert set(layered) == set(whole) == {p.key for p in points}
     for key in whole:
         assert layered[key].n_samples == whole[key].n_samples > 0
         torch.testing.assert_close(layered[key].sum_outer, whole[key].sum_outer, rtol=1e-9, atol=1e-9)
+    # Every finished layer's sums went to disk before the next layer ran; the final norm's (a tail point) stay.
+    inside = {p.key for p in points if p.module.startswith("model.layers.")}
+    assert inside and {key for key, acc in layered.items() if acc.is_offloaded} == inside
+    assert len(list((tmp_path / "statistics").iterdir())) == len(inside)
+    assert not whole[next(iter(inside))].is_offloaded
 
 
 def test_layer_by_layer_with_weights_offloaded_to_disk(tmp_path):
@@ -89,3 +95,5 @@ def test_the_compressor_calibrates_layer_by_layer_to_the_same_widths(tmp_path):
     widths = {flag: [(s["name"], s["kept_width"]) for s in report["sites"]] for flag, report in reports.items()}
     assert widths[True] == widths[False] and len(widths[True]) == 2
     assert reports[True]["calibration_peak_rss_mb"] > 0
+    # The offloaded statistics lived in the run's checkpoint folder, removed with it when the run succeeded.
+    assert not (tmp_path / "out-True.checkpoints").exists()

@@ -22,8 +22,10 @@ def _proc_status_kib(field_name: str) -> Optional[int]:
     return None
 
 
-def _release_free_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc), so the resident size before a call counts only live memory."""
+def release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc; a no-op elsewhere). glibc keeps what a multi-threaded process
+    frees in its arenas, so without it the resident size counts dead memory too (it grew ~6 MB per decoder layer of
+    a layer-by-layer calibration of SmolLM2, ~170 MB in all)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -42,7 +44,7 @@ def peak_rss(call: Callable[[], T]) -> Tuple[T, int, int]:
     """Run `call()`; return its result, the resident size before it and the peak while it ran, in bytes."""
     import psutil
 
-    _release_free_heap()
+    release_free_heap()
     process = psutil.Process()
     if _reset_peak_rss():
         before = _proc_status_kib("VmRSS") * 1024
