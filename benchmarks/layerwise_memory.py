@@ -35,27 +35,6 @@ def anonymous_kib() -> int:
         return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
 
 
-def peak_anonymous(call):
-    """Run `call()` while a thread polls `RssAnon` every 2 ms; return its result and the largest value, in bytes."""
-    import threading
-
-    peak, done = anonymous_kib(), threading.Event()
-
-    def poll() -> None:
-        nonlocal peak
-        while not done.wait(0.002):
-            peak = max(peak, anonymous_kib())
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    try:
-        result = call()
-    finally:
-        done.set()
-        poller.join()
-    return result, max(peak, anonymous_kib()) * 1024
-
-
 def run_one(scheme: str, model_dir: Path, blocks: int, block_size: int, sites, stats_path: Path,
             save_sums: bool = True) -> dict:
     """Load, calibrate and measure in this process (called in a child process per scheme); `save_sums` writes the
@@ -71,7 +50,7 @@ def run_one(scheme: str, model_dir: Path, blocks: int, block_size: int, sites, s
     from optimum_rmtkd.calibration import collect_statistics, layerwise_layout
     from optimum_rmtkd.tasks import get_task
     from optimum_rmtkd.tasks.base import Columns
-    from optimum_rmtkd.utils.memory import peak_rss
+    from optimum_rmtkd.utils.memory import peak_rss, polled_peak
 
     torch.set_num_threads(2)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -93,9 +72,10 @@ def run_one(scheme: str, model_dir: Path, blocks: int, block_size: int, sites, s
     config = RMTKDConfig(sites=tuple(sites), layerwise_calibration=scheme != "whole")
     points = adapter.required_captures([s for group in adapter.stages(model, config) for s in group])
     start = time.perf_counter()
-    (stats, before, peak), anon_peak = peak_anonymous(lambda: peak_rss(lambda: collect_statistics(
+    (stats, before, peak), anon_peak = polled_peak(lambda: peak_rss(lambda: collect_statistics(
         model, loader, points, forward_kwargs=task.forward_kwargs(),
-        layerwise=layerwise_layout(adapter, model, config), offload_folder=stats_path.parent / f"sums-{scheme}")))
+        layerwise=layerwise_layout(adapter, model, config), offload_folder=stats_path.parent / f"sums-{scheme}")),
+        lambda: anonymous_kib() * 1024, interval=0.002)
     seconds = time.perf_counter() - start
     if save_sums:
         torch.save({key: acc.sum_outer for key, acc in stats.items()}, stats_path)

@@ -51,13 +51,20 @@ def peak_rss(call: Callable[[], T]) -> Tuple[T, int, int]:
         result = call()
         return result, before, max(_proc_status_kib("VmHWM") * 1024, before)
     before = process.memory_info().rss
-    peak = before
+    result, peak = polled_peak(call, lambda: process.memory_info().rss)
+    return result, before, peak
+
+
+def polled_peak(call: Callable[[], T], sample: Callable[[], int], interval: float = 0.001) -> Tuple[T, int]:
+    """Run `call()` while a thread reads `sample()` every `interval` seconds; return its result and the largest
+    reading (before, during and after), for quantities the kernel keeps no peak of."""
+    peak = sample()
     done = threading.Event()
 
     def poll() -> None:
         nonlocal peak
-        while not done.wait(0.001):
-            peak = max(peak, process.memory_info().rss)
+        while not done.wait(interval):
+            peak = max(peak, sample())
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
@@ -66,7 +73,7 @@ def peak_rss(call: Callable[[], T]) -> Tuple[T, int, int]:
     finally:
         done.set()
         poller.join()
-    return result, before, max(peak, process.memory_info().rss)
+    return result, max(peak, sample())
 
 
 def peak_rss_increase_mb(call: Callable[[], object]) -> float:
