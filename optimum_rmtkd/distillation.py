@@ -48,7 +48,7 @@ def train(
          "weight_decay": config.weight_decay},
         {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+    optimizer = torch.optim.AdamW(groups, lr=task.learning_rate(config.learning_rate))
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
     # Counted on the prepared loader: each process sees 1/num_processes of the batches. Accelerate's wrapped
     # scheduler advances num_processes steps per optimizer step, so its horizon is the steps of all processes.

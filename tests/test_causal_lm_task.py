@@ -13,6 +13,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, PreTrainedTokenizerFast
 
+from optimum_rmtkd import RMTKDConfig
+from optimum_rmtkd.distillation import train
 from optimum_rmtkd.tasks import get_task
 from optimum_rmtkd.tasks.base import Columns
 
@@ -240,6 +242,25 @@ def test_metric_drop_is_a_relative_increase(task):
     assert task.metric_drop(baseline=20.0, value=22.0) == pytest.approx(0.1)  # 10% higher perplexity
     assert task.metric_drop(baseline=20.0, value=19.0) == pytest.approx(-0.05)
     assert task.reached(9.0, 10.0) and task.reached(10.0, 10.0) and not task.reached(11.0, 10.0)
+
+
+@pytest.mark.parametrize("configured, expected", [("auto", 1e-4), (3e-4, 3e-4)])
+def test_distillation_takes_the_tasks_learning_rate_unless_one_is_given(task, tokenizer, llama, blocks, monkeypatch,
+                                                                        configured, expected):
+    rates = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, lr, **kwargs):
+            rates.append(lr)
+            super().__init__(params, lr=lr, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    config = RMTKDConfig(learning_rate=configured, max_distillation_steps=1, batch_size=2)
+    loader = DataLoader(blocks, batch_size=2, collate_fn=task.collator(tokenizer))
+    student = LlamaForCausalLM(llama_config())
+    train(student, loader, Accelerator(cpu=True), config, task, teacher=llama, epochs=1.0)
+    assert rates == [expected]
+    assert get_task("text-classification").learning_rate("auto") == 5e-5
 
 
 @pytest.mark.parametrize("save, is_new", [("causal-lm-tied", False), ("causal-lm-untied", False), ("bare", True)])

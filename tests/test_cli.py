@@ -182,6 +182,8 @@ def test_preset_then_config_file_then_flags(tmp_path):
     (tmp_path / "rmtkd_config.json").write_text(json.dumps({"estimator": "gavish-donoho", "quantile": 0.7}))
     args = parser.parse_args(base + ["--preset", "paper", "--config", str(tmp_path), "--quantile", "0.6"])
     assert config_from_args(args) == RMTKDConfig.preset("paper", estimator="gavish-donoho", quantile=0.6)
+    assert config_from_args(parser.parse_args(base + ["--learning-rate", "auto"])).learning_rate == "auto"
+    assert config_from_args(parser.parse_args(base + ["--learning-rate", "3e-4"])).learning_rate == 3e-4
     analyze = _parsers()["analyze"].parse_args(["model", "--dataset", "d.csv", "--preset", "paper"])
     assert config_from_args(analyze, ANALYSIS_FIELDS).estimator == "paper"
 

@@ -36,6 +36,8 @@ from optimum_rmtkd.configuration import _NUMBER_FIELDS, PRESETS
         ({"max_metric_drop": float("nan")}, "`max_metric_drop` must be a finite number or None, got nan."),
         ({"distillation_epochs": float("inf")}, "`distillation_epochs` must be a finite number, got inf."),
         ({"learning_rate": -float("inf")}, "`learning_rate` must be a finite number, got -inf."),
+        ({"learning_rate": "fast"}, "`learning_rate` must be a number or 'auto', got str 'fast'."),
+        ({"learning_rate": 0}, r"`learning_rate` must be > 0, got 0.0."),
     ],
 )
 def test_bad_values_give_their_message(kwargs, message):
@@ -76,7 +78,7 @@ def test_every_field_is_checked():
     # A new field must be a number (checked from its annotation), or one of the fields checked by name.
     checked_by_name = {"estimator", "sample_unit", "sites", "head_reduction", "output_format", "mixed_precision",
                        "on_metric_drop", "centered", "layerwise_calibration", "channel_selection", "hidden_cut",
-                       "target_mode", "max_metric_drop"}
+                       "target_mode", "max_metric_drop", "learning_rate"}
     assert {field.name for field in dataclasses.fields(RMTKDConfig)} == set(_NUMBER_FIELDS) | checked_by_name
 
 

@@ -223,3 +223,12 @@ def test_auto_max_metric_drop_is_the_tasks_own():
     assert get_task("text-generation").max_metric_drop(0.3) == 0.3
     assert get_task("text-generation").max_metric_drop(None) is None
     assert RMTKDConfig.from_dict(json.loads(json.dumps(RMTKDConfig().to_dict()))).max_metric_drop == "auto"
+
+
+def test_auto_learning_rate_is_the_tasks_own():
+    assert RMTKDConfig().learning_rate == "auto"
+    assert get_task("text-classification").learning_rate("auto") == 5e-5
+    assert get_task("image-classification").learning_rate("auto") == 5e-5
+    assert get_task("text-generation").learning_rate("auto") == 1e-4
+    assert get_task("text-generation").learning_rate(3e-4) == 3e-4
+    assert RMTKDConfig.from_dict(json.loads(json.dumps(RMTKDConfig().to_dict()))).learning_rate == "auto"

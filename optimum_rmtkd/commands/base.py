@@ -383,6 +383,11 @@ def _optional_float(text: str) -> Any:
     return text.lower() if text.lower() in ("none", "auto") else float(text)
 
 
+def _float_or_auto(text: str) -> Any:
+    """A float, or `auto` for the task's default."""
+    return "auto" if text.lower() == "auto" else float(text)
+
+
 @dataclass(frozen=True)
 class ConfigFlag:
     """One `RMTKDConfig` field as a command-line flag; its `default`, shown in `--help`, is read from the dataclass."""
@@ -439,7 +444,8 @@ CONFIG_FLAGS: Tuple[ConfigFlag, ...] = (
                "`per-layer`: each layer's own width in a registered rmtkd_<base> type.", choices=OUTPUT_FORMATS),
     ConfigFlag("distillation_epochs", float, "Self-distillation epochs after each reduction."),
     ConfigFlag("max_distillation_steps", int, "Cap on optimizer steps per stage; none lets the epochs decide."),
-    ConfigFlag("learning_rate", float, "Learning rate of fine-tuning and distillation."),
+    ConfigFlag("learning_rate", _float_or_auto, "Learning rate of fine-tuning and distillation; `auto`: the "
+               "task's default."),
     ConfigFlag("batch_size", int, "Batch size of calibration, training and evaluation."),
     ConfigFlag("max_length", int, "Texts are truncated to this many tokens."),
     ConfigFlag("finetune_epochs", float, "Fine-tune before the first reduction (1 epoch is always done when "

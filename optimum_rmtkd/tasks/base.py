@@ -59,6 +59,7 @@ class Task(ABC):
         higher_is_better: the metric's direction; the stop rules read it.
         default_max_metric_drop: what `RMTKDConfig(max_metric_drop="auto")` allows a stage to lose, in
             `metric_drop`'s units.
+        default_learning_rate: the learning rate of `RMTKDConfig(learning_rate="auto")`.
         sample_units: the `RMTKDConfig.sample_unit` values calibration may use with this task.
         size_name: what the size of a dummy input is (`sequence_length`, `image_size`).
         is_generative: whether the model generates token by token (exported with a key/value cache, checked by a
@@ -78,6 +79,7 @@ class Task(ABC):
     metric_name: str = "accuracy"
     higher_is_better: bool = True
     default_max_metric_drop: float = 0.015
+    default_learning_rate: float = 5e-5
     sample_units: Tuple[str, ...] = ("tokens",)
     size_name: str = "sequence_length"
     example_size: int = 16
@@ -175,6 +177,10 @@ class Task(ABC):
     def max_metric_drop(self, configured: Union[float, str, None]) -> Optional[float]:
         """The stop rule's limit for `RMTKDConfig.max_metric_drop`: `"auto"` is this task's default."""
         return self.default_max_metric_drop if configured == "auto" else configured
+
+    def learning_rate(self, configured: Union[float, str]) -> float:
+        """The learning rate for `RMTKDConfig.learning_rate`: `"auto"` is this task's default."""
+        return self.default_learning_rate if configured == "auto" else configured
 
     def reached(self, value: float, threshold: float) -> bool:
         """Whether `value` is at least as good as `threshold` (the fine-tuning trigger)."""
