@@ -31,6 +31,8 @@ def add_budget_arguments(parser: argparse.ArgumentParser, distillation_steps: in
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--distillation-steps", type=int, default=distillation_steps,
                         help="optimizer steps of 32 sentences after each cut, and for the control")
+    parser.add_argument("--learning-rate", type=float, default=TASK.default_learning_rate,
+                        help="of the self-distillation (the original is fine-tuned at the task's default)")
     parser.add_argument("--calibration-examples", type=int, default=1024)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--no-speed", action="store_true", help="skip the ONNX Runtime timing")
@@ -65,7 +67,7 @@ class DistillationRuns:
         self.out = args.output_dir
         self.runs_dir = self.out / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.base_config = RMTKDConfig(max_length=args.max_length, learning_rate=5e-5, batch_size=32, seed=0,
+        self.base_config = RMTKDConfig(max_length=args.max_length, batch_size=32, seed=0,
                                        max_distillation_steps=args.distillation_steps)
         self.splits = load_rotten_tomatoes(None, None, seed=0)  # the split the original is fine-tuned on
         self.tokenizer = AutoTokenizer.from_pretrained(minilm_path())
@@ -103,6 +105,7 @@ class DistillationRuns:
     def distil(self, model, config: RMTKDConfig, description: str):
         """`args.distillation_steps` steps of the library's loop with the original as the teacher."""
         teacher = self.load_original().eval()
+        config = RMTKDConfig(**{**config.to_dict(), "learning_rate": self.args.learning_rate})
         torch.manual_seed(config.seed)
         return train(model, self.data["train"], self.accelerator, config, TASK, teacher=teacher, epochs=1.0,
                      description=description)

@@ -127,7 +127,8 @@ def summarise(args, original: Dict[str, Any], runs: List[Dict[str, Any]], contro
                 "gap_to_control": gaps,
                 "speed": speeds.get(f"{variant}-{width}"),
             })
-    return {"budget": {"distillation_steps": args.distillation_steps, "batch_size": 32, "max_length": args.max_length,
+    return {"budget": {"distillation_steps": args.distillation_steps, "learning_rate": args.learning_rate,
+                       "batch_size": 32, "max_length": args.max_length,
                        "calibration_examples": args.calibration_examples, "seeds": args.seeds},
             "original": original, "control_test": control_test, "rows": rows}
 
@@ -140,7 +141,8 @@ def render(summary: Dict[str, Any]) -> str:
         f"Original: {original['parameters']:,} parameters, test {original['test']:.2%}, validation "
         f"{original['validation']:.2%} (fine-tuned 1 epoch). Budget: calibration {budget['calibration_examples']} "
         f"training sentences, self-distillation {budget['distillation_steps']} steps × {budget['batch_size']} "
-        f"sentences of {budget['max_length']} tokens from the original, seeds {budget['seeds']} (mean ± std over "
+        f"sentences of {budget['max_length']} tokens from the original (lr {budget['learning_rate']:g}), "
+        f"seeds {budget['seeds']} (mean ± std over "
         "seeds). Heads pruned whole (the default), or every head kept and narrowed in the `-shrink` variants; every "
         "reader of the stream refitted by least squares.",
         "",
