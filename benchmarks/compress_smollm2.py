@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from benchmarks.assets import load_english_prose, smollm2_gguf
-from benchmarks.quality import mean_std
+from benchmarks.quality import mean_std, mean_std_text
 from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
 from optimum_rmtkd.distillation import train
 from optimum_rmtkd.tasks import get_task
@@ -206,12 +206,13 @@ def headline(summaries: List[Dict]) -> Dict:
                "control": control["test_perplexity"] if control else None}
         row["ratio"] = row["compressed"] / row["control"] if control else None
         rows.append(row)
-    stats = {}
-    for key in ("compressed", "control", "ratio"):
-        values = [row[key] for row in rows if row[key] is not None]
-        if values:
-            stats[key] = mean_std(values)
+    stats = {key: mean_std(_measured(rows, key)) for key in ("compressed", "control", "ratio") if _measured(rows, key)}
     return {"runs": rows, "mean_std": stats}
+
+
+def _measured(rows: List[Dict], key: str) -> List[float]:
+    """The seeds' values of `key`, less the seeds that did not measure it (no control)."""
+    return [row[key] for row in rows if row[key] is not None]
 
 
 def render(summary) -> str:
@@ -232,7 +233,7 @@ def render(summary) -> str:
             lines.append(f"| {row['seed']} | {row['parameters']:,} | {row['compressed']:.2f} | "
                          f"{fmt(row['control'], '.2f')} | {fmt(row['ratio'], '.3f')} |")
         if len(seeds["runs"]) > 1:
-            cells = [_mean_std_text(seeds["mean_std"].get(key), spec)
+            cells = [mean_std_text(_measured(seeds["runs"], key), spec)
                      for key, spec in (("compressed", ".2f"), ("control", ".2f"), ("ratio", ".3f"))]
             lines.append(f"| mean ± std (n={len(seeds['runs'])}) | | " + " | ".join(cells) + " |")
         lines += ["", f"The tables below are seed {budget['seed']}'s.", ""]
@@ -262,13 +263,6 @@ def render(summary) -> str:
     timings = ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items())
     lines += ["", f"Calibration peak RSS: {summary['calibration_peak_rss_mb']:.0f} MiB. Timings (s): {timings}."]
     return "\n".join(lines) + "\n"
-
-
-def _mean_std_text(stats, spec: str) -> str:
-    if stats is None:
-        return "-"
-    mean, std = stats
-    return format(mean, spec) + ("" if std is None else " ± " + format(std, spec))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from benchmarks.compress_smollm2 import TASK, TEST_BOOK, VALIDATION_BOOK, ensure_original, non_embedding_parameters
 from benchmarks.compress_smollm2 import splits as prose_splits
 from benchmarks.peers import SIZE_TOLERANCE, rmtkd_cut, save_with_tokenizer
-from benchmarks.quality import mean_std
+from benchmarks.quality import mean_std_text
 from benchmarks.results_io import finished_run, write_results
 from optimum_rmtkd import RMTKDConfig
 from optimum_rmtkd.adapters import get_adapter
@@ -330,14 +330,6 @@ def _torch_prune_llm(model, tokenizer, ratio: float):
     return model
 
 
-def _mean_std(values: List[float]) -> str:
-    """`mean ± std` of perplexities over seeds (the mean alone for one seed)."""
-    if not values:
-        return "-"
-    mean, std = mean_std(values)
-    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
-
-
 def summarise(args, original: Dict[str, Any], runs: List[Dict[str, Any]], controls: List[Dict[str, Any]],
               target: int) -> Dict[str, Any]:
     rows = []
@@ -387,7 +379,7 @@ def render(summary: Dict[str, Any]) -> str:
     ]
     if summary["control_perplexity"]:
         lines += ["", f"Self-distilled control (the original, same steps): test perplexity "
-                      f"{_mean_std(summary['control_perplexity'])}."]
+                      f"{mean_std_text(summary['control_perplexity'])}."]
     lines += [
         "", "| method | widths | parameters (without embeddings) | one-shot perplexity | after distillation (n) | "
         "stock reload | PyTorch decode speed-up, batch 1 | pruning wall time |",
@@ -403,8 +395,8 @@ def render(summary: Dict[str, Any]) -> str:
         lines.append(
             f"| {row['method']} | {_widths_text(row['widths'])} | {row['parameters']:,} "
             f"({1 - row['parameters'] / original['parameters']:.1%} cut; {row['without_embeddings']:,}) | "
-            f"{_mean_std(row['one_shot_perplexity'])} | "
-            f"{_mean_std(distilled) + f' ({len(distilled)})' if distilled else '-'} | {reload_text} | "
+            f"{mean_std_text(row['one_shot_perplexity'])} | "
+            f"{mean_std_text(distilled) + f' ({len(distilled)})' if distilled else '-'} | {reload_text} | "
             f"{row['decode']['speedup']:.2f}× ({row['decode']['tokens_per_s']:.1f} tok/s) | {row['prune_s']:.0f} s |")
     return "\n".join(lines) + "\n"
 

@@ -376,6 +376,14 @@ def mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
     return float(array.mean()), (float(array.std(ddof=1)) if array.size > 1 else None)
 
 
+def mean_std_text(values: Sequence[float], spec: str = ".2f") -> str:
+    """`mean ± std` of `values` formatted with `spec` (the mean alone for one value, `-` for none)."""
+    if not len(values):
+        return "-"
+    mean, std = mean_std(values)
+    return format(mean, spec) + ("" if std is None else " ± " + format(std, spec))
+
+
 def aggregate(entry: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     arms: Dict[str, Dict[str, Any]] = {}
     order = {arm: i for i, arm in enumerate(all_arms())}

@@ -303,7 +303,9 @@ class RMTKDConfig:
                 raise ValueError(
                     f"`learning_rate` must be a number or 'auto', got {_type_text(self.learning_rate)}.")
             self.learning_rate = _check_number("learning_rate", self.learning_rate, "float", False)
-        for name in ("sigma2_scale", "temperature") + (() if self.learning_rate == "auto" else ("learning_rate",)):
+            if self.learning_rate <= 0:
+                raise ValueError(f"`learning_rate` must be > 0, got {self.learning_rate}.")
+        for name in ("sigma2_scale", "temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
         for name in ("ridge", "weight_decay", "distillation_epochs", "finetune_epochs"):
