@@ -12,6 +12,8 @@ Steps: score the original (held-out perplexity at `--block-size` tokens, greedy 
 compress with `RMTKDCompressor` (calibration, widths from the spectra, cut, self-distillation per stage), score the
 result, and with `--control` distil the original from itself for the same number of steps (the fair baseline of a
 distilled student, DESIGN §8). Sized for CPUs with `--distill-steps`; the budget is written beside every figure.
+Writes `results.md`, `results.json` and `results.png` (widths against every estimator's rank, perplexity per seed);
+rerunning the same command after every seed has its record re-renders them without computing anything.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
 from optimum_rmtkd.distillation import train
 from optimum_rmtkd.tasks import get_task
 from optimum_rmtkd.tasks.base import Columns
-from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text
+from optimum_rmtkd.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 TASK = get_task("text-generation")
 VALIDATION_BOOK, TEST_BOOK = "northangerabbey", "persuasion"
@@ -126,6 +128,7 @@ def main(argv=None) -> None:
     results = {**summaries[0], "seeds": headline(summaries)}
     atomic_write_json(args.output_dir / "results.json", results)
     atomic_write_text(args.output_dir / "results.md", render(results))
+    plot(results, args.output_dir / "results.png")
     print(render(results))
 
 
@@ -263,6 +266,56 @@ def render(summary) -> str:
     timings = ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items())
     lines += ["", f"Calibration peak RSS: {summary['calibration_peak_rss_mb']:.0f} MiB. Timings (s): {timings}."]
     return "\n".join(lines) + "\n"
+
+
+def plot(summary: Dict, path: Path) -> None:
+    """`results.png`: each site kind's kept width beside every estimator's rank, layer by layer (what the spectra
+    said and what the size rule kept), and the test perplexity of the original, RMT-KD and the control per seed."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(site["kind"] for site in summary["sites"]))
+    fig, axes = plt.subplots(1, len(kinds) + 1, figsize=(6 * (len(kinds) + 1), 4.6), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        sites = [site for site in summary["sites"] if site["kind"] == kind]
+        layers = range(len(sites))
+        for estimator in sites[0]["ranks_by_estimator"]:
+            ax.plot(layers, [site["ranks_by_estimator"][estimator] for site in sites], ".-", linewidth=1,
+                    alpha=0.7, label=f"rank: {estimator}")
+        ax.plot(layers, [site["kept_width"] for site in sites], "k-", linewidth=2.5, label="kept width")
+        ax.plot(layers, [site["original_width"] for site in sites], "k--", linewidth=1, label="original width")
+        ax.set_xlabel(f"{kind} site, in layer order")
+        ax.set_ylabel("width")
+        ax.set_title(f"{kind}: kept width and each estimator's rank (seed {summary['budget']['seed']})", fontsize=9)
+        ax.set_ylim(0, 1.4 * max(site["original_width"] for site in sites))  # room for the legend above the lines
+        ax.legend(fontsize=7, ncol=3, loc="upper center")
+
+    ax = axes[0][-1]
+    runs = summary["seeds"]["runs"]
+    positions = range(len(runs))
+    bars = (("original", [summary["original"]["test_perplexity"]] * len(runs), "tab:gray"),
+            ("RMT-KD", [row["compressed"] for row in runs], "tab:blue"),
+            ("control (original self-distilled)", [row["control"] for row in runs], "tab:orange"))
+    bars = [bar for bar in bars if None not in bar[1]]  # seeds run without --control have no control bar
+    for offset, (label, values, color) in enumerate(bars):
+        ax.bar([p + (offset - 1) * 0.27 for p in positions], values, width=0.27, color=color, label=label)
+    ax.set_xticks(list(positions), [f"seed {row['seed']}" for row in runs])
+    ax.set_ylabel("test perplexity (lower is better)")
+    budget = summary["budget"]
+    ax.set_title(f"{summary['reduction']:.1%} fewer parameters; {budget['distill_steps_per_stage']} distillation "
+                 f"steps per stage, lr {budget['learning_rate']}", fontsize=9)
+    ax.set_ylim(0, 1.3 * max(max(values) for _, values, _ in bars))
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
+    fig.suptitle("RMT-KD on SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), 2-core CPU budget", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 if __name__ == "__main__":
