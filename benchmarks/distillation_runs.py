@@ -4,6 +4,7 @@ speed of a saved model against the original. Every record is written as it finis
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -103,11 +104,13 @@ class DistillationRuns:
                           collate_fn=TASK.collator(self.tokenizer))
 
     def distil(self, model, config: RMTKDConfig, description: str):
-        """`args.distillation_steps` steps of the library's loop with the original as the teacher."""
+        """`args.distillation_steps` steps of the library's loop with the original as the teacher (as many passes
+        over the training sentences as that takes: `max_distillation_steps` stops it at the step)."""
         teacher = self.load_original().eval()
         config = RMTKDConfig(**{**config.to_dict(), "learning_rate": self.args.learning_rate})
         torch.manual_seed(config.seed)
-        return train(model, self.data["train"], self.accelerator, config, TASK, teacher=teacher, epochs=1.0,
+        epochs = math.ceil(config.max_distillation_steps / len(self.data["train"]))
+        return train(model, self.data["train"], self.accelerator, config, TASK, teacher=teacher, epochs=epochs,
                      description=description)
 
     def control(self, seed: int) -> Dict[str, Any]:
