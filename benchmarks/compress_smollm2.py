@@ -31,11 +31,12 @@ from torch.utils.data import DataLoader
 
 from benchmarks.assets import load_english_prose, smollm2_gguf
 from benchmarks.quality import mean_std, mean_std_text
+from benchmarks.results_io import write_figure, write_results
 from optimum_rmtkd import RMTKDCompressor, RMTKDConfig
 from optimum_rmtkd.distillation import train
 from optimum_rmtkd.tasks import get_task
 from optimum_rmtkd.tasks.base import Columns
-from optimum_rmtkd.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from optimum_rmtkd.utils.io import atomic_write_json
 
 TASK = get_task("text-generation")
 VALIDATION_BOOK, TEST_BOOK = "northangerabbey", "persuasion"
@@ -126,10 +127,9 @@ def main(argv=None) -> None:
             atomic_write_json(path, run_seed(args, data, seed))
         summaries.append(json.loads(path.read_text()))
     results = {**summaries[0], "seeds": headline(summaries)}
-    atomic_write_json(args.output_dir / "results.json", results)
-    atomic_write_text(args.output_dir / "results.md", render(results))
+    text = write_results(args.output_dir, results, render)
     plot(results, args.output_dir / "results.png")
-    print(render(results))
+    print(text)
 
 
 def run_seed(args, data: Dict[str, datasets.Dataset], seed: int) -> Dict:
@@ -271,8 +271,6 @@ def render(summary) -> str:
 def plot(summary: Dict, path: Path) -> None:
     """`results.png`: each site kind's kept width beside every estimator's rank, layer by layer (what the spectra
     said and what the size rule kept), and the test perplexity of the original, RMT-KD and the control per seed."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,10 +310,7 @@ def plot(summary: Dict, path: Path) -> None:
     ax.legend(fontsize=7, ncol=3, loc="upper center")
     fig.suptitle("RMT-KD on SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), 2-core CPU budget", fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    write_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from benchmarks.assets import load_rotten_tomatoes
+from benchmarks.results_io import write_figure
 from optimum_rmtkd.adapters import get_adapter
 from optimum_rmtkd.baselines import (
     cut_channels,
@@ -70,7 +71,7 @@ from optimum_rmtkd.data import calibration_subset
 from optimum_rmtkd.distillation import train
 from optimum_rmtkd.tasks import get_task
 from optimum_rmtkd.tasks.base import Columns
-from optimum_rmtkd.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text
 from optimum_rmtkd.widths import decide_widths, widths_for_ranks
 
 TAUS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -669,8 +670,6 @@ def write_report(output_dir: Path, primary: Optional[str] = None) -> Optional[Di
 
 
 def plot(summary: Dict[str, Any], tag: str, path: Path) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -728,10 +727,7 @@ def plot(summary: Dict[str, Any], tag: str, path: Path) -> None:
         right.set_axis_off()
     fig.suptitle(f"RMT-KD vs baselines at equal size, FFN sites of MiniLM-L6 (budget {tag})", fontsize=9)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    write_figure(fig, path, dpi=120)
 
 
 # ------------------------------------------------------------------------------------------------------------------

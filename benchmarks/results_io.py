@@ -3,11 +3,12 @@
 long benchmark runs is always a complete one."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
-from optimum_rmtkd.utils.io import atomic_write_json, atomic_write_text
+from optimum_rmtkd.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 def finished_run(runs_dir: Path, name: str) -> Optional[Dict[str, Any]]:
@@ -23,3 +24,13 @@ def write_results(output_dir: Path, summary: Dict[str, Any], render: Callable[[D
     atomic_write_json(output_dir / "results.json", summary)
     atomic_write_text(output_dir / "results.md", text)
     return text
+
+
+def write_figure(figure, path: Path, dpi: int = 110) -> None:
+    """Write a pyplot `figure` as PNG atomically (rendered in memory first) and close it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
